@@ -1,0 +1,79 @@
+"""The one seam between hadapeft and peft's internals.
+
+Everything that relies on peft behaviour that is not a public, documented extension point lives here:
+
+* adding members to peft's closed ``PeftType`` enum so that ``register_peft_method`` accepts our types
+  (there is no plugin mechanism, see huggingface/peft#2273);
+* the supported peft version range, checked once at import.
+
+Tested with peft 0.21.x (see ``SUPPORTED_PEFT``). Outside that range ``import hadapeft`` raises, because the enum
+surgery and the tuner hooks below depend on private layout that peft changes between minor releases.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+
+import peft
+from packaging.version import Version
+from peft.utils import PeftType, register_peft_method
+
+# Lowest tested peft (inclusive) and first untested minor (exclusive). Keep in sync with pyproject.toml.
+SUPPORTED_PEFT = (Version("0.21.0"), Version("0.22.0"))
+
+
+class UnsupportedPeftVersionError(ImportError):
+    """peft is installed in a version hadapeft was not tested with."""
+
+
+def check_peft_version(version: str | None = None) -> None:
+    v = Version(version or peft.__version__)
+    low, high = SUPPORTED_PEFT
+    if not (low <= v < high):
+        raise UnsupportedPeftVersionError(
+            f"hadapeft supports peft >={low},<{high} but peft {v} is installed. "
+            f"Install a supported version: pip install 'peft>={low},<{high}'."
+        )
+
+
+def _add_enum_member(enum_cls: type[enum.Enum], name: str, python: tuple[int, int] | None = None) -> enum.Enum:
+    """Add member ``name`` (value ``name``) to a ``(str, Enum)`` class at runtime; idempotent.
+
+    ``python`` selects the code path (defaults to the running interpreter) so that the branch for the other
+    interpreter versions can be unit tested from one interpreter.
+    """
+    if name in enum_cls.__members__:
+        return enum_cls[name]
+    python = python or sys.version_info[:2]
+    member = str.__new__(enum_cls, name)
+    member._name_ = name
+    member._value_ = name
+    member.__objclass__ = enum_cls
+    if hasattr(member, "_sort_order_"):  # Python >= 3.11 keeps the definition order here
+        member._sort_order_ = len(enum_cls._member_names_)
+    if python >= (3, 13) and hasattr(enum_cls, "_add_member_"):
+        # 3.13 grew a helper that also installs the class attribute (as a descriptor) correctly.
+        enum_cls._add_member_(name, member)
+    else:
+        enum_cls._member_map_[name] = member
+        enum_cls._member_names_.append(name)
+        # Bypass EnumType.__setattr__, which refuses to rebind members.
+        type.__setattr__(enum_cls, name, member)
+    enum_cls._value2member_map_[name] = member
+    return member
+
+
+def register_adapter_type(name: str, config_cls: type, model_cls: type) -> None:
+    """Register one hadapeft adapter type with peft; safe to call more than once."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
+
+    member = _add_enum_member(PeftType, name.upper())
+    if PEFT_TYPE_TO_CONFIG_MAPPING.get(member) is config_cls:
+        return
+    prefix = model_cls.prefix
+    # register_peft_method checks prefix uniqueness against the mapping's keys, not its values: check it here.
+    clash = [t for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == prefix and t != member]
+    if clash:
+        raise RuntimeError(f"hadapeft prefix {prefix!r} for {name} is already used by peft type {clash[0]}")
+    register_peft_method(name=name.lower(), config_cls=config_cls, model_cls=model_cls, prefix=prefix)

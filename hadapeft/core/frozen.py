@@ -1,0 +1,86 @@
+"""Read and write the frozen weight of the layer an adapter wraps.
+
+hadapeft's ops take a dense ``(d_out, d_in)`` weight. This module is the only place that knows how each supported
+base layer stores it: ``nn.Linear`` (as is), GPT-2's ``Conv1D`` (transposed, ``(d_in, d_out)``), and bitsandbytes'
+``Linear8bitLt`` / ``Linear4bit`` (quantized: dequantized for compute, re-quantized on merge).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+def _bnb_kind(layer: nn.Module) -> str | None:
+    name = type(getattr(layer, "weight", None)).__name__
+    return {"Params4bit": "4bit", "Int8Params": "8bit"}.get(name)
+
+
+def layer_kind(layer: nn.Module) -> str:
+    """"linear" | "conv1d" | "4bit" | "8bit"; raises TypeError for anything else."""
+    bnb = _bnb_kind(layer)
+    if bnb:
+        return bnb
+    if isinstance(layer, Conv1D):
+        return "conv1d"
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    raise TypeError(f"hadapeft adapters wrap nn.Linear, transformers Conv1D and bitsandbytes Linear8bitLt/Linear4bit "
+                    f"layers; got {type(layer).__name__}")
+
+
+def in_out_features(layer: nn.Module) -> tuple[int, int]:
+    if isinstance(layer, Conv1D):
+        d_in, d_out = layer.weight.shape
+        return d_in, d_out
+    return layer.in_features, layer.out_features
+
+
+def dense_weight(layer: nn.Module, kind: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The frozen weight as a dense (d_out, d_in) tensor (a view where possible)."""
+    if kind == "linear":
+        w = layer.weight
+    elif kind == "conv1d":
+        w = layer.weight.t()
+    else:
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        w = dequantize_bnb_weight(layer.weight, state=getattr(layer, "state", None))
+        w = w.reshape(layer.out_features, layer.in_features)
+    return w if dtype is None else w.to(dtype)
+
+
+def compute_dtype(layer: nn.Module, kind: str, x: torch.Tensor) -> torch.dtype:
+    """The dtype the base layer would compute in for input ``x`` (autocast respected)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    if kind in ("linear", "conv1d"):
+        return layer.weight.dtype
+    if kind == "4bit" and getattr(layer, "compute_dtype", None) is not None:
+        return layer.compute_dtype
+    return x.dtype
+
+
+def write_dense_weight(layer: nn.Module, kind: str, w: torch.Tensor) -> None:
+    """Store a dense (d_out, d_in) weight back into the layer, re-quantizing bitsandbytes layers."""
+    if kind == "linear":
+        layer.weight.data = w.to(layer.weight.dtype).contiguous()
+    elif kind == "conv1d":
+        layer.weight.data = w.t().to(layer.weight.dtype).contiguous()
+    elif kind == "4bit":
+        import bitsandbytes as bnb
+
+        old = layer.weight
+        kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k != "data"}
+        kwargs.update(requires_grad=False, bnb_quantized=False)
+        kwargs.pop("quant_state", None)
+        layer.weight = bnb.nn.Params4bit(w.to("cpu"), **kwargs).to(old.device)
+    else:  # 8bit
+        import bitsandbytes as bnb
+
+        old = layer.weight
+        layer.weight = bnb.nn.Int8Params(w.to("cpu"), requires_grad=False,
+                                         has_fp16_weights=old.has_fp16_weights).to(old.device)
+        layer.state.reset_grads()
+        layer.state.SCB = layer.weight.SCB

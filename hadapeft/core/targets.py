@@ -1,0 +1,63 @@
+"""Default ``target_modules`` per model family (transformers ``model_type``), per adapter kind.
+
+Two kinds of defaults:
+* ``ATTENTION`` — where an additive/gated low-rank update goes (LoRA's usual q/v choice);
+* ``IA3`` — key, value and the MLP's down projection, with ``IA3_FEEDFORWARD`` (the down projection) scaled on its
+  input, as in the (IA)³ paper.
+Regex strings are used where a suffix would also match an attention module (ViT's ``output.dense``).
+"""
+
+_LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo",
+               "olmo2", "granite", "starcoder2", "cohere", "stablelm", "smollm3")
+_VIT_LIKE = ("vit", "deit", "vit_mae", "vit_msn", "dinov2", "beit", "yolos")
+
+ATTENTION = {
+    **{m: ["q_proj", "v_proj"] for m in _LLAMA_LIKE},
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "gptj": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    **{m: ["query", "value"] for m in _VIT_LIKE},
+    "clip_vision_model": ["q_proj", "v_proj"],
+    "siglip_vision_model": ["q_proj", "v_proj"],
+    "t5": ["q", "v"],
+}
+
+IA3 = {
+    **{m: ["k_proj", "v_proj", "down_proj"] for m in _LLAMA_LIKE},
+    "gpt2": ["c_attn", "mlp.c_proj"],
+    "gpt_neox": ["query_key_value", "dense_4h_to_h"],
+    "opt": ["k_proj", "v_proj", "fc2"],
+    "bert": r".*\.(key|value)|.*layer\.\d+\.output\.dense",
+    "roberta": r".*\.(key|value)|.*layer\.\d+\.output\.dense",
+    "distilbert": ["k_lin", "v_lin", "lin2"],
+    **{m: r".*\.(key|value)|.*layer\.\d+\.output\.dense" for m in ("vit", "deit", "vit_mae", "vit_msn", "yolos")},
+    "dinov2": r".*\.(key|value)|.*mlp\.fc2",
+    "clip_vision_model": ["k_proj", "v_proj", "fc2"],
+    "siglip_vision_model": ["k_proj", "v_proj", "fc2"],
+    "t5": ["k", "v", "wo"],
+}
+IA3["phi3"] = ["qkv_proj", "down_proj"]
+
+IA3_FEEDFORWARD = {
+    **{m: ["down_proj"] for m in _LLAMA_LIKE},
+    "gpt2": ["mlp.c_proj"],
+    "gpt_neox": ["dense_4h_to_h"],
+    "opt": ["fc2"],
+    "bert": r".*layer\.\d+\.output\.dense",
+    "roberta": r".*layer\.\d+\.output\.dense",
+    "distilbert": ["lin2"],
+    **{m: r".*layer\.\d+\.output\.dense" for m in ("vit", "deit", "vit_mae", "vit_msn", "yolos")},
+    "dinov2": r".*mlp\.fc2",
+    "clip_vision_model": ["fc2"],
+    "siglip_vision_model": ["fc2"],
+    "t5": ["wo"],
+}
+
+# Fused query/key/value projections whose output is [q; k; v] in equal thirds; HadaIA3 can scale only k and v there.
+FUSED_QKV = {"gpt2": ["c_attn"]}  # timm ViTs: pass fused_qkv_modules=["qkv"]

@@ -1,0 +1,31 @@
+"""Public ops: each picks the Triton kernel or the PyTorch reference through ``hadapeft.backend``.
+
+Adapter layers call only these functions; they never launch kernels themselves.
+"""
+
+from __future__ import annotations
+
+from ..backend import resolve_backend
+from .gated_lora import gated_lora_ref, gated_lora_torch
+from .modulate import modulated_linear_ref, modulated_linear_torch
+
+__all__ = ["gated_lora_linear", "modulated_linear", "gated_lora_ref", "modulated_linear_ref"]
+
+
+def gated_lora_linear(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=None, backend="auto"):
+    """``γ ∘ (x Wᵀ + b) + (1 − γ) ∘ (s · lora_x Aᵀ Bᵀ)``; shapes in ``hadapeft/ops/gated_lora.py``."""
+    if resolve_backend(backend, x.device) == "triton":
+        from ..kernels.gated_lora import gated_lora_triton
+
+        return gated_lora_triton(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x)
+    return gated_lora_torch(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x)
+
+
+def modulated_linear(x, weight, bias, in_scale=None, out_scale=None, shift=None, index=None, scale_bias=True,
+                     backend="auto"):
+    """``o[t] ∘ (W (i[t] ∘ x) + b) + β[t]`` per sample; shapes in ``hadapeft/ops/modulate.py``."""
+    if resolve_backend(backend, x.device) == "triton":
+        from ..kernels.modulate import modulated_linear_triton
+
+        return modulated_linear_triton(x, weight, bias, in_scale, out_scale, shift, index, scale_bias)
+    return modulated_linear_torch(x, weight, bias, in_scale, out_scale, shift, index, scale_bias)

@@ -1,0 +1,82 @@
+"""Gated LoRA op: ``y = γ ∘ (x Wᵀ + b) + (1 − γ) ∘ (s · (x_l Aᵀ) Bᵀ)``.
+
+This is the PyTorch reference path (the CPU implementation users run) and the shape contract the Triton kernel in
+``hadapeft/kernels/gated_lora.py`` implements. Shapes (N = number of rows after flattening leading dims):
+
+    x      (..., d_in)      input of the frozen layer
+    weight (d_out, d_in)    frozen, no grad
+    bias   (d_out,) | None  frozen, no grad
+    lora_A (r, d_in)
+    lora_B (d_out, r)
+    gate   (d_out,) | (1,)  γ, already inside [0, 1]
+    lora_x same as x | None dropout(x) for the low-rank branch; None means x itself
+
+Memory: the backward needs ``h − l`` (for dγ) and ``u = x_l Aᵀ`` (N × r). We save exactly those plus a reference to
+the input (which the caller keeps alive anyway), and fold ``s`` and ``1 − γ`` into the small matrices so the backward
+allocates no N × d temporaries beyond the gradients themselves and one product for dγ.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gated_lora_ref(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=None, upcast=False):
+    """Eager formula, autograd through plain ops. ``upcast=True`` computes in fp64 (test reference)."""
+    lx = x if lora_x is None else lora_x
+    if upcast:
+        x, lx, weight, lora_A, lora_B, gate = (t.double() for t in (x, lx, weight, lora_A, lora_B, gate))
+        bias = None if bias is None else bias.double()
+    h = F.linear(x, weight, bias)
+    low = F.linear(F.linear(lx, lora_A), lora_B) * scaling
+    return gate * h + (1 - gate) * low
+
+
+class GatedLoraFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, gate, scaling, lora_x):
+        d_in, d_out = x.shape[-1], weight.shape[0]
+        x2 = x.reshape(-1, d_in)
+        lx2 = x2 if lora_x is None else lora_x.reshape(-1, d_in)
+        u = lx2 @ lora_A.t()  # (N, r)
+        diff = F.linear(x2, weight, bias)  # h, (N, d_out); becomes h − l in place below
+        low = u @ (lora_B * scaling).t()  # l, (N, d_out); becomes y in place below
+        diff.sub_(low)
+        y = low.addcmul_(diff, gate)  # y = l + γ(h − l)
+        ctx.save_for_backward(x2 if lora_x is None else lx2, weight, lora_A, lora_B, gate, u, diff)
+        ctx.scaling = scaling
+        ctx.separate_lora_x = lora_x is not None
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], d_out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        lx2, weight, lora_A, lora_B, gate, u, diff = ctx.saved_tensors
+        s = ctx.scaling
+        dy2 = dy.reshape(-1, weight.shape[0])
+        # dγ = Σ_n dy ∘ (h − l); a scalar gate sums over features too.
+        dgate = (dy2 * diff).sum(0)
+        if gate.numel() == 1:
+            dgate = dgate.sum().reshape(1)
+        mix = ((1 - gate) * s).unsqueeze(-1)  # (d_out, 1) or (1, 1): weight of the low-rank branch
+        dB = (dy2.t() @ u) * mix  # (d_out, r)
+        v = dy2 @ (lora_B * mix)  # (N, r) = ((1−γ) s ∘ dy) B
+        dA = v.t() @ lx2  # (r, d_in)
+        dx = dlx = None
+        if ctx.separate_lora_x:
+            if ctx.needs_input_grad[0]:
+                dx = (dy2 @ (weight * gate.unsqueeze(-1))).view(ctx.x_shape)
+            if ctx.needs_input_grad[7]:
+                dlx = (v @ lora_A).view(ctx.x_shape)
+        elif ctx.needs_input_grad[0]:
+            # dx = (γ ∘ dy) W + v A, as one GEMM on a γ-scaled copy of W (d_out × d_in, cheaper than N × d).
+            dx = torch.addmm(v @ lora_A, dy2, weight * gate.unsqueeze(-1)).view(ctx.x_shape)
+        return dx, None, None, dA, dB, dgate, None, dlx
+
+
+def gated_lora_torch(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=None):
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        # Unfrozen base (unusual): let autograd produce the weight gradients.
+        return gated_lora_ref(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x)
+    return GatedLoraFunction.apply(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x)

@@ -1,0 +1,105 @@
+"""Modulated linear op: ``y = o[t] ∘ (W (i[t] ∘ x) + b) + β[t]`` with per-sample table rows t.
+
+The Hadamard pattern shared by HadaIA3, FiLM and HyperMod (a frozen linear map with element-wise scales on its input
+and/or output and an optional shift). This file is the PyTorch reference path and the shape contract of the Triton
+kernel in ``hadapeft/kernels/modulate.py``.
+
+    x         (B, ..., d_in)    B samples; every row of sample b uses table row index[b]
+    weight    (d_out, d_in)     frozen, no grad
+    bias      (d_out,) | None   frozen, no grad
+    in_scale  (T, d_in)  | None
+    out_scale (T, d_out) | None
+    shift     (T, d_out) | None
+    index     (B,) long | None  None: the tables have a single row (T == 1) used for every sample
+    scale_bias: True  -> y = o ∘ (W(i∘x) + b) + β      (IA³, FiLM: the module's output is scaled)
+                False -> y = o ∘ (W(i∘x)) + b + β      (HyperMod: W' = W ∘ (o iᵀ), the bias is not modulated)
+
+Gradients of the tables are summed per row of the table (deterministically, with index_add on per-sample sums).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _rows(table, index, batch):
+    """Per-sample rows of a table, shaped (B or 1, 1, d) to broadcast over (B, L, d)."""
+    if table is None:
+        return None
+    rows = table if index is None else table.index_select(0, index)
+    return rows.unsqueeze(1)
+
+
+def modulated_linear_ref(x, weight, bias, in_scale=None, out_scale=None, shift=None, index=None,
+                         scale_bias=True, upcast=False):
+    """Eager formula with autograd through plain ops; ``upcast=True`` computes in fp64 (test reference)."""
+    if upcast:
+        cast = lambda t: None if t is None else t.double()  # noqa: E731
+        x, weight, bias, in_scale, out_scale, shift = map(cast, (x, weight, bias, in_scale, out_scale, shift))
+    B = x.shape[0]
+    x3 = x.reshape(B, -1, x.shape[-1])
+    i, o, s = (_rows(t, index, B) for t in (in_scale, out_scale, shift))
+    h = F.linear(x3 if i is None else x3 * i, weight, bias if scale_bias else None)
+    if o is not None:
+        h = h * o
+    if not scale_bias and bias is not None:
+        h = h + bias
+    if s is not None:
+        h = h + s
+    return h.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _table_grad(per_sample, index, table):
+    """Sum per-sample gradients (B, d) into the table's rows (T, d)."""
+    if index is None:
+        return per_sample.sum(0, keepdim=True)
+    return torch.zeros_like(table).index_add_(0, index, per_sample.to(table.dtype))
+
+
+class ModulatedLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, in_scale, out_scale, shift, index, scale_bias):
+        B, d_in, d_out = x.shape[0], x.shape[-1], weight.shape[0]
+        x3 = x.reshape(B, -1, d_in)  # (B, L, d_in)
+        i, o, s = (_rows(t, index, B) for t in (in_scale, out_scale, shift))
+        h = F.linear(x3 if i is None else x3 * i, weight, bias if scale_bias else None)  # (B, L, d_out)
+        if o is None:
+            y = h
+        else:
+            y = h * o
+            if not scale_bias and bias is not None:
+                y.add_(bias)
+        if s is not None:
+            y = y.add_(s) if y is not h else h + s
+        # h is needed only for the out-scale gradient.
+        ctx.save_for_backward(x3, weight, in_scale, out_scale, shift, index, h if o is not None else None)
+        ctx.x_shape = x.shape
+        return y.view(*x.shape[:-1], d_out)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x3, weight, in_scale, out_scale, shift, index, h = ctx.saved_tensors
+        B = x3.shape[0]
+        dy3 = dy.reshape(B, -1, weight.shape[0])  # (B, L, d_out)
+        i, o = _rows(in_scale, index, B), _rows(out_scale, index, B)
+        d_in_t = d_out_t = d_shift_t = None
+        if out_scale is not None and ctx.needs_input_grad[4]:
+            d_out_t = _table_grad((dy3 * h).sum(1), index, out_scale)
+        if shift is not None and ctx.needs_input_grad[5]:
+            d_shift_t = _table_grad(dy3.sum(1), index, shift)
+        dh = dy3 if o is None else dy3 * o
+        dxs = dh @ weight  # gradient w.r.t. the scaled input (B, L, d_in)
+        if in_scale is not None:
+            if ctx.needs_input_grad[3]:
+                d_in_t = _table_grad((dxs * x3).sum(1), index, in_scale)
+            dxs.mul_(i)
+        dx = dxs.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        return dx, None, None, d_in_t, d_out_t, d_shift_t, None, None
+
+
+def modulated_linear_torch(x, weight, bias, in_scale=None, out_scale=None, shift=None, index=None,
+                           scale_bias=True):
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return modulated_linear_ref(x, weight, bias, in_scale, out_scale, shift, index, scale_bias)
+    return ModulatedLinearFunction.apply(x, weight, bias, in_scale, out_scale, shift, index, scale_bias)

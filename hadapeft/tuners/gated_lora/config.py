@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peft.utils import PeftType
+
+from ...core.config import HadaConfig, document_fields, help_field
+from ...errors import HadapeftConfigError
+
+
+@document_fields
+@dataclass
+class GatedLoraConfig(HadaConfig):
+    """Gated LoRA: ``y = γ ∘ (W0 x + b) + (1 − γ) ∘ (s · B A dropout(x))`` with ``s = lora_alpha / r`` and a learned
+    gate γ ∈ [0, 1] per output feature (``gate="vector"``) or per layer (``gate="scalar"``).
+
+    With ``init_weights=True`` γ = 1 and B = 0, so the model is exactly the base model; γ receives gradient at once
+    (∂y/∂γ = h − l ≠ 0), which opens the low-rank path to B and then A within the first steps (no dead start).
+    A static γ merges exactly: ``W' = diag(γ) W0 + diag(1 − γ) s B A``, ``b' = γ ∘ b``.
+    LoRA: Hu et al. 2021, https://arxiv.org/abs/2106.09685.
+    """
+
+    r: int = help_field(8, "Rank of the low-rank branch B A.")
+    lora_alpha: float = help_field(8.0, "Scale numerator: the branch is multiplied by s = lora_alpha / r.")
+    lora_dropout: float = help_field(0.0, "Dropout on the low-rank branch's input, in [0, 1).")
+    gate: str = help_field("vector", "'vector': one gate per output feature; 'scalar': one gate per layer.")
+    gate_init: float = help_field(1.0, "Initial γ in [0, 1] (1.0: the frozen path only, exact identity at init).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PeftType.GATED_LORA
+        self._positive("r", self.r)
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise HadapeftConfigError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if not (0.0 <= self.lora_dropout < 1.0):
+            raise HadapeftConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.gate not in ("vector", "scalar"):
+            raise HadapeftConfigError(f"gate must be 'vector' or 'scalar', got {self.gate!r}")
+        if not (0.0 <= self.gate_init <= 1.0):
+            raise HadapeftConfigError(f"gate_init must be in [0, 1], got {self.gate_init!r}")
+        if self.init_weights and self.gate_init != 1.0:
+            raise HadapeftConfigError(
+                f"gate_init={self.gate_init} with init_weights=True would not start at the base model; "
+                "use gate_init=1.0 or init_weights=False")

@@ -1,0 +1,11 @@
+from __future__ import annotations
+
+from ...core.model import HadaModel
+from ...core.targets import ATTENTION
+from .layer import GatedLoraLayer
+
+
+class GatedLoraModel(HadaModel):
+    prefix = "gated_lora_"
+    tuner_layer_cls = GatedLoraLayer
+    target_module_mapping = ATTENTION
