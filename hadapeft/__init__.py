@@ -7,7 +7,7 @@
     model = get_peft_model(base_model, hadapeft.GatedLoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
 """
 
-from ._peft_integration import check_peft_version, register_adapter_type
+from ._peft_integration import check_peft_version, install_load_guard, register_adapter_type
 
 check_peft_version()
 
@@ -27,6 +27,7 @@ from .tuners.hada_ia3 import HadaIA3Config, HadaIA3Model  # noqa: E402
 
 register_adapter_type("GATED_LORA", GatedLoraConfig, GatedLoraModel)
 register_adapter_type("HADA_IA3", HadaIA3Config, HadaIA3Model)
+install_load_guard()
 
 __all__ = [
     "GatedLoraConfig", "HadaIA3Config", "use_backend", "__version__",

@@ -50,16 +50,16 @@ def _add_enum_member(enum_cls: type[enum.Enum], name: str, python: tuple[int, in
     member._name_ = name
     member._value_ = name
     member.__objclass__ = enum_cls
-    if hasattr(member, "_sort_order_"):  # Python >= 3.11 keeps the definition order here
-        member._sort_order_ = len(enum_cls._member_names_)
+    member._sort_order_ = len(enum_cls._member_names_)  # definition order (read by Python >= 3.11)
     if python >= (3, 13) and hasattr(enum_cls, "_add_member_"):
-        # 3.13 grew a helper that also installs the class attribute (as a descriptor) correctly.
+        # 3.13 grew a helper that binds the class attribute (as a descriptor) and fills _member_map_; it leaves
+        # _member_names_ and the value map to the caller, as enum's own class construction does.
         enum_cls._add_member_(name, member)
     else:
         enum_cls._member_map_[name] = member
-        enum_cls._member_names_.append(name)
         # Bypass EnumType.__setattr__, which refuses to rebind members.
         type.__setattr__(enum_cls, name, member)
+    enum_cls._member_names_.append(name)
     enum_cls._value2member_map_[name] = member
     return member
 
@@ -77,3 +77,67 @@ def register_adapter_type(name: str, config_cls: type, model_cls: type) -> None:
     if clash:
         raise RuntimeError(f"hadapeft prefix {prefix!r} for {name} is already used by peft type {clash[0]}")
     register_peft_method(name=name.lower(), config_cls=config_cls, model_cls=model_cls, prefix=prefix)
+
+
+def _hada_layers(model, adapter_name: str):
+    from .core.layer import HadaLayer
+
+    return [(k, m) for k, m in model.named_modules() if isinstance(m, HadaLayer) and m.owns(adapter_name)]
+
+
+def _unwrap_adapter(root, adapter_name: str) -> None:
+    """Remove every trace of ``adapter_name`` from the layers under ``root`` (newly wrapped layers are unwrapped)."""
+    for key, layer in _hada_layers(root, adapter_name):
+        if [a for a in layer._all_available_adapter_names() if a != adapter_name]:
+            layer.delete_adapter(adapter_name)
+        else:
+            parent_key, _, child = key.rpartition(".")
+            setattr(root.get_submodule(parent_key) if parent_key else root, child, layer.get_base_layer())
+
+
+def install_load_guard() -> None:
+    """Make loading a hadapeft adapter all-or-nothing.
+
+    peft injects an adapter's layers into the user's model *before* reading the weights file, so a missing, corrupt
+    or ill-fitting checkpoint would leave the model half-adapted. On any error we take the adapter back out and
+    re-raise as :class:`~hadapeft.errors.AdapterCheckpointError` naming the checkpoint.
+    """
+    from peft import PeftModel
+
+    from .errors import AdapterCheckpointError
+
+    if getattr(PeftModel.load_adapter, "_hadapeft_guard", False):
+        return
+    original_from_pretrained = PeftModel.from_pretrained.__func__
+    original_load_adapter = PeftModel.load_adapter
+
+    def from_pretrained(cls, model, model_id, adapter_name="default", *args, **kwargs):
+        had_config = hasattr(model, "peft_config")
+        try:
+            return original_from_pretrained(cls, model, model_id, adapter_name, *args, **kwargs)
+        except Exception as e:
+            if not _hada_layers(model, adapter_name):
+                raise
+            _unwrap_adapter(model, adapter_name)
+            if not had_config and hasattr(model, "peft_config"):
+                del model.peft_config
+            if isinstance(e, AdapterCheckpointError):
+                raise
+            raise AdapterCheckpointError(f"cannot load adapter {adapter_name!r} from {model_id}: {e}") from e
+
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        existed = adapter_name in self.peft_config
+        try:
+            return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        except Exception as e:
+            if existed or not _hada_layers(self.base_model.model, adapter_name):
+                raise
+            _unwrap_adapter(self.base_model.model, adapter_name)
+            self.peft_config.pop(adapter_name, None)
+            if isinstance(e, AdapterCheckpointError):
+                raise
+            raise AdapterCheckpointError(f"cannot load adapter {adapter_name!r} from {model_id}: {e}") from e
+
+    load_adapter._hadapeft_guard = True
+    PeftModel.from_pretrained = classmethod(from_pretrained)
+    PeftModel.load_adapter = load_adapter

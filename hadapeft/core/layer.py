@@ -42,11 +42,13 @@ class MergeTerms:
 
 
 class HadaLayer(nn.Module, BaseTunerLayer):
+    # Subclass names end in "Linear": peft's "all-linear" expansion recognises already-adapted layers by that name.
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
         super().__init__()
+        mode = base_layer.training
         self.base_layer = base_layer
         self.base_kind = frozen.layer_kind(self.get_base_layer())
         self.in_features, self.out_features = frozen.in_out_features(self.get_base_layer())
@@ -57,6 +59,7 @@ class HadaLayer(nn.Module, BaseTunerLayer):
         self.init_adapter_containers()
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, **kwargs)
+        self.train(mode)  # new modules start in train mode; follow the wrapped model's mode
 
     # --- what a subclass provides -----------------------------------------------------------------------------
     def init_adapter_containers(self) -> None:
@@ -78,6 +81,7 @@ class HadaLayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, config, **kwargs) -> None:
         self.backend[adapter_name] = config.backend
         self.create_adapter(adapter_name, config, **kwargs)
+        self.train(self.training)  # modules the adapter just created follow the layer's mode
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
-from ..errors import TargetModuleError
+from .._peft_integration import _unwrap_adapter
+from ..errors import AdapterCheckpointError, TargetModuleError
 from . import frozen
 from .layer import HadaLayer
 
@@ -45,18 +47,32 @@ class HadaModel(BaseTuner):
         except Exception as e:
             self._rollback(model, adapter_name)
             del self.targeted_module_names[n_targeted:]
-            if isinstance(e, ValueError) and "not found in the base model" in str(e):
+            if isinstance(e, NoMatchingPeftModuleError):
                 raise TargetModuleError(str(e)) from None
             raise
 
     def _rollback(self, model: nn.Module, adapter_name: str) -> None:
-        for key, module in list(model.named_modules()):
-            if not isinstance(module, HadaLayer) or not module.owns(adapter_name):
-                continue
-            others = [a for a in module._all_available_adapter_names() if a != adapter_name]
-            if others:
-                module.delete_adapter(adapter_name)
-            else:
-                parent_key, _, child = key.rpartition(".")
-                parent = model.get_submodule(parent_key) if parent_key else model
-                setattr(parent, child, module.get_base_layer())
+        _unwrap_adapter(model, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """peft's key remapping, then a check that the checkpoint holds exactly this adapter's tensors with the
+        shapes the model expects (peft would skip missing ones and torch would fail halfway through the others)."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        expected = {k: v for k, v in model.state_dict().items()
+                    if cls.prefix in k and k.endswith("." + adapter_name)}
+        missing = sorted(set(expected) - set(remapped))
+        unexpected = sorted(k for k in remapped if cls.prefix in k and k not in expected)
+        wrong = [f"{k}: checkpoint {tuple(remapped[k].shape)} vs model {tuple(v.shape)}"
+                 for k, v in expected.items() if k in remapped and remapped[k].shape != v.shape]
+        problems = []
+        if wrong:
+            problems.append(f"{len(wrong)} tensors have shapes that do not fit this base model, e.g. {wrong[0]}")
+        if missing:
+            problems.append(f"{len(missing)} adapter tensors are missing from the checkpoint, e.g. {missing[0]}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} checkpoint tensors match no adapted module, e.g. {unexpected[0]}")
+        if problems:
+            raise AdapterCheckpointError(f"adapter {adapter_name!r} ({config.peft_type}) does not fit the model: "
+                                         + "; ".join(problems))
+        return remapped

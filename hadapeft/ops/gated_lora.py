@@ -36,25 +36,27 @@ def gated_lora_ref(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=None, 
 class GatedLoraFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, gate, scaling, lora_x):
-        d_in, d_out = x.shape[-1], weight.shape[0]
-        x2 = x.reshape(-1, d_in)
-        lx2 = x2 if lora_x is None else lora_x.reshape(-1, d_in)
-        u = lx2 @ lora_A.t()  # (N, r)
-        diff = F.linear(x2, weight, bias)  # h, (N, d_out); becomes h − l in place below
-        low = u @ (lora_B * scaling).t()  # l, (N, d_out); becomes y in place below
+        # x keeps its shape here: flattening a strided input would copy it and change the GEMM's rounding, and the
+        # identity at init must be exact.
+        lx = x if lora_x is None else lora_x
+        u = lx @ lora_A.t()  # (..., r)
+        diff = F.linear(x, weight, bias)  # h, (..., d_out); becomes h − l in place below
+        low = u @ (lora_B * scaling).t()  # l, (..., d_out); becomes y in place below
         diff.sub_(low)
         y = low.addcmul_(diff, gate)  # y = l + γ(h − l)
-        ctx.save_for_backward(x2 if lora_x is None else lx2, weight, lora_A, lora_B, gate, u, diff)
+        ctx.save_for_backward(lx, weight, lora_A, lora_B, gate, u, diff)
         ctx.scaling = scaling
         ctx.separate_lora_x = lora_x is not None
         ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], d_out)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        lx2, weight, lora_A, lora_B, gate, u, diff = ctx.saved_tensors
+        lx, weight, lora_A, lora_B, gate, u, diff = ctx.saved_tensors
         s = ctx.scaling
-        dy2 = dy.reshape(-1, weight.shape[0])
+        d_out, r = weight.shape[0], lora_A.shape[0]
+        dy2, diff, u = dy.reshape(-1, d_out), diff.reshape(-1, d_out), u.reshape(-1, r)
+        lx2 = lx.reshape(-1, lx.shape[-1])
         # dγ = Σ_n dy ∘ (h − l); a scalar gate sums over features too.
         dgate = (dy2 * diff).sum(0)
         if gate.numel() == 1:

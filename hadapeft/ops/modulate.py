@@ -24,11 +24,17 @@ import torch.nn.functional as F
 
 
 def _rows(table, index, batch):
-    """Per-sample rows of a table, shaped (B or 1, 1, d) to broadcast over (B, L, d)."""
+    """Per-sample rows of a table: (B, 1, d) to broadcast over (B, L, d), or the single row (1, d) when index is
+    None (then x keeps its own shape: reshaping a strided input would copy it and change the GEMM's rounding)."""
     if table is None:
         return None
-    rows = table if index is None else table.index_select(0, index)
-    return rows.unsqueeze(1)
+    if index is None:
+        return table
+    return table.index_select(0, index).unsqueeze(1)
+
+
+def _view(x, index):
+    return x if index is None else x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def modulated_linear_ref(x, weight, bias, in_scale=None, out_scale=None, shift=None, index=None,
@@ -38,7 +44,7 @@ def modulated_linear_ref(x, weight, bias, in_scale=None, out_scale=None, shift=N
         cast = lambda t: None if t is None else t.double()  # noqa: E731
         x, weight, bias, in_scale, out_scale, shift = map(cast, (x, weight, bias, in_scale, out_scale, shift))
     B = x.shape[0]
-    x3 = x.reshape(B, -1, x.shape[-1])
+    x3 = _view(x, index)
     i, o, s = (_rows(t, index, B) for t in (in_scale, out_scale, shift))
     h = F.linear(x3 if i is None else x3 * i, weight, bias if scale_bias else None)
     if o is not None:
@@ -50,18 +56,18 @@ def modulated_linear_ref(x, weight, bias, in_scale=None, out_scale=None, shift=N
     return h.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _table_grad(per_sample, index, table):
-    """Sum per-sample gradients (B, d) into the table's rows (T, d)."""
+def _table_grad(per_row, index, table):
+    """Sum gradients into the table's rows (T, d): per_row is (B, L, d) with an index, else (..., d)."""
     if index is None:
-        return per_sample.sum(0, keepdim=True)
-    return torch.zeros_like(table).index_add_(0, index, per_sample.to(table.dtype))
+        return per_row.reshape(-1, per_row.shape[-1]).sum(0, keepdim=True)
+    return torch.zeros_like(table).index_add_(0, index, per_row.sum(1).to(table.dtype))
 
 
 class ModulatedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, in_scale, out_scale, shift, index, scale_bias):
-        B, d_in, d_out = x.shape[0], x.shape[-1], weight.shape[0]
-        x3 = x.reshape(B, -1, d_in)  # (B, L, d_in)
+        B, d_out = x.shape[0], weight.shape[0]
+        x3 = _view(x, index)  # (B, L, d_in), or x as given when every sample uses the same row
         i, o, s = (_rows(t, index, B) for t in (in_scale, out_scale, shift))
         h = F.linear(x3 if i is None else x3 * i, weight, bias if scale_bias else None)  # (B, L, d_out)
         if o is None:
@@ -75,26 +81,26 @@ class ModulatedLinearFunction(torch.autograd.Function):
         # h is needed only for the out-scale gradient.
         ctx.save_for_backward(x3, weight, in_scale, out_scale, shift, index, h if o is not None else None)
         ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], d_out)
+        return y.reshape(*x.shape[:-1], d_out)
 
     @staticmethod
     def backward(ctx, dy):
         x3, weight, in_scale, out_scale, shift, index, h = ctx.saved_tensors
         B = x3.shape[0]
-        dy3 = dy.reshape(B, -1, weight.shape[0])  # (B, L, d_out)
+        dy3 = _view(dy, index)  # (B, L, d_out), or dy as given
         i, o = _rows(in_scale, index, B), _rows(out_scale, index, B)
         d_in_t = d_out_t = d_shift_t = None
         if out_scale is not None and ctx.needs_input_grad[4]:
-            d_out_t = _table_grad((dy3 * h).sum(1), index, out_scale)
+            d_out_t = _table_grad(dy3 * h, index, out_scale)
         if shift is not None and ctx.needs_input_grad[5]:
-            d_shift_t = _table_grad(dy3.sum(1), index, shift)
+            d_shift_t = _table_grad(dy3, index, shift)
         dh = dy3 if o is None else dy3 * o
         dxs = dh @ weight  # gradient w.r.t. the scaled input (B, L, d_in)
         if in_scale is not None:
             if ctx.needs_input_grad[3]:
-                d_in_t = _table_grad((dxs * x3).sum(1), index, in_scale)
+                d_in_t = _table_grad(dxs * x3, index, in_scale)
             dxs.mul_(i)
-        dx = dxs.view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dx = dxs.reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
         return dx, None, None, d_in_t, d_out_t, d_shift_t, None, None
 
 

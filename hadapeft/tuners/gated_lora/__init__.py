@@ -1,5 +1,5 @@
 from .config import GatedLoraConfig
-from .layer import GatedLoraLayer
+from .layer import GatedLoraLinear
 from .model import GatedLoraModel
 
-__all__ = ["GatedLoraConfig", "GatedLoraLayer", "GatedLoraModel"]
+__all__ = ["GatedLoraConfig", "GatedLoraLinear", "GatedLoraModel"]

@@ -29,7 +29,7 @@ class _ProjectedGate(torch.autograd.Function):
         return grad.masked_fill(blocked, 0.0)
 
 
-class GatedLoraLayer(HadaLayer):
+class GatedLoraLinear(HadaLayer):
     adapter_layer_names = ("gated_lora_A", "gated_lora_B", "gated_lora_gate")
     other_param_names = ("scaling", "lora_dropout")
 

@@ -31,8 +31,11 @@ class HadaIA3Config(HadaConfig):
         if isinstance(self.fused_qkv_modules, list):
             self.fused_qkv_modules = set(self.fused_qkv_modules)
         if isinstance(self.feedforward_modules, set) and isinstance(self.target_modules, set):
-            if not self.feedforward_modules <= self.target_modules:
-                missing = sorted(self.feedforward_modules - self.target_modules)
+            def covered(f):  # entries are module-name suffixes; after 'all-linear' targets are full names
+                return any(t == f or t.endswith("." + f) or f.endswith("." + t) for t in self.target_modules)
+
+            missing = sorted(f for f in self.feedforward_modules if not covered(f))
+            if missing:
                 raise HadapeftConfigError(f"feedforward_modules {missing} are not in target_modules "
                                           f"{sorted(self.target_modules)}")
         if isinstance(self.fused_qkv_modules, set) and isinstance(self.feedforward_modules, set):

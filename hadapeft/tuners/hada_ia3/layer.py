@@ -7,7 +7,7 @@ from ...core.layer import HadaLayer, MergeTerms
 from ...ops import modulated_linear
 
 
-class HadaIA3Layer(HadaLayer):
+class HadaIA3Linear(HadaLayer):
     """Scales the frozen layer's output (or, for feed-forward modules, its input) by a learned vector."""
 
     adapter_layer_names = ("hada_ia3_l",)

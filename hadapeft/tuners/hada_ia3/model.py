@@ -5,7 +5,7 @@ import re
 from ...core.model import HadaModel
 from ...core.targets import FUSED_QKV, IA3, IA3_FEEDFORWARD
 from ...errors import HadapeftConfigError
-from .layer import HadaIA3Layer
+from .layer import HadaIA3Linear
 
 
 def _matches(spec, key: str) -> bool:
@@ -18,7 +18,7 @@ def _matches(spec, key: str) -> bool:
 
 class HadaIA3Model(HadaModel):
     prefix = "hada_ia3_"
-    tuner_layer_cls = HadaIA3Layer
+    tuner_layer_cls = HadaIA3Linear
     target_module_mapping = IA3
 
     def layer_kwargs(self, config, adapter_name, key):
@@ -26,7 +26,7 @@ class HadaIA3Model(HadaModel):
                 "fused_qkv": _matches(config.fused_qkv_modules, key)}
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kw):
-        if isinstance(target, HadaIA3Layer):
+        if isinstance(target, HadaIA3Linear):
             kwargs = self.layer_kwargs(config, adapter_name, current_key)
             if (kwargs["is_feedforward"], kwargs["fused_qkv"]) != (target.is_feedforward, target.fused_qkv):
                 raise HadapeftConfigError(
