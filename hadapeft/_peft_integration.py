@@ -64,8 +64,12 @@ def _add_enum_member(enum_cls: type[enum.Enum], name: str, python: tuple[int, in
     return member
 
 
+HADAPEFT_TYPES: set[str] = set()
+
+
 def register_adapter_type(name: str, config_cls: type, model_cls: type) -> None:
     """Register one hadapeft adapter type with peft; safe to call more than once."""
+    HADAPEFT_TYPES.add(name.upper())
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
 
     member = _add_enum_member(PeftType, name.upper())
@@ -137,6 +141,37 @@ def install_load_guard() -> None:
             if isinstance(e, AdapterCheckpointError):
                 raise
             raise AdapterCheckpointError(f"cannot load adapter {adapter_name!r} from {model_id}: {e}") from e
+
+    def precheck(model_id, kwargs):
+        """Refuse a local hadapeft adapter folder without weights before peft touches the model (peft would fall
+        back to the Hub and fail with an unrelated message)."""
+        import json
+        import os
+
+        folder = os.path.join(str(model_id), kwargs.get("subfolder") or "")
+        config = os.path.join(folder, "adapter_config.json")
+        if not os.path.isfile(config):
+            return
+        try:
+            with open(config) as f:
+                peft_type = json.load(f).get("peft_type")
+        except (OSError, ValueError) as e:
+            raise AdapterCheckpointError(f"{config} is not valid JSON: {e}") from None
+        if peft_type not in HADAPEFT_TYPES:
+            return
+        if not any(os.path.isfile(os.path.join(folder, n)) for n in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise AdapterCheckpointError(f"{folder} has an adapter_config.json but no adapter_model.safetensors")
+
+    original_from_pretrained_checked = from_pretrained
+    original_load_adapter_checked = load_adapter
+
+    def from_pretrained(cls, model, model_id, adapter_name="default", *args, **kwargs):  # noqa: F811
+        precheck(model_id, kwargs)
+        return original_from_pretrained_checked(cls, model, model_id, adapter_name, *args, **kwargs)
+
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):  # noqa: F811
+        precheck(model_id, kwargs)
+        return original_load_adapter_checked(self, model_id, adapter_name, *args, **kwargs)
 
     load_adapter._hadapeft_guard = True
     PeftModel.from_pretrained = classmethod(from_pretrained)

@@ -82,5 +82,11 @@ def write_dense_weight(layer: nn.Module, kind: str, w: torch.Tensor) -> None:
         old = layer.weight
         layer.weight = bnb.nn.Int8Params(w.to("cpu"), requires_grad=False,
                                          has_fp16_weights=old.has_fp16_weights).to(old.device)
-        layer.state.reset_grads()
-        layer.state.SCB = layer.weight.SCB
+        sync_int8_state(layer, layer.weight.SCB)
+
+
+def sync_int8_state(layer: nn.Module, scb: torch.Tensor) -> None:
+    """Point a Linear8bitLt's matmul state at its current int8 weight; bitsandbytes caches both on the state."""
+    layer.state.reset_grads()
+    layer.weight.SCB = layer.state.SCB = scb
+    layer.state.CB = layer.weight.data

@@ -105,7 +105,10 @@ class HadaLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         dtype = frozen.compute_dtype(self.get_base_layer(), self.base_kind, x)
         x = x.to(dtype)
-        fn: Optional[Callable] = None
+        # Dense bases go through the fused ops (inner=None). Quantized bases keep their own forward (bitsandbytes'
+        # int8 / 4-bit matmul, which re-dequantizes in backward) so QLoRA's memory profile is preserved: a fused op
+        # would have to hold a dequantized copy of W until backward.
+        fn: Optional[Callable] = None if self.base_kind in ("linear", "conv1d") else self.base_layer
         for name in active:  # each adapter modulates the map built so far
             fn = _Bound(self, name, fn, dtype)
         with torch.autocast(x.device.type, enabled=False):
@@ -128,7 +131,10 @@ class HadaLayer(nn.Module, BaseTunerLayer):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             record = {"w": stash, "b": bstash if b0 is not None else None}
             if self.base_kind in ("4bit", "8bit"):
-                record["quantized"] = base.weight  # re-quantizing is lossy: keep the original for unmerge
+                # Re-quantizing is lossy: keep the original quantized weight (and 8-bit scales) for unmerge.
+                record["quantized"] = base.weight
+                if self.base_kind == "8bit":
+                    record["scb"] = base.state.SCB if base.state.SCB is not None else base.weight.SCB
             frozen.write_dense_weight(base, self.base_kind, w)
             if b is not None:
                 base.bias.data = b.to(base.bias.dtype)
@@ -149,8 +155,7 @@ class HadaLayer(nn.Module, BaseTunerLayer):
             if "quantized" in record:
                 base.weight = record["quantized"]
                 if self.base_kind == "8bit":
-                    base.state.reset_grads()
-                    base.state.SCB = base.weight.SCB
+                    frozen.sync_int8_state(base, record["scb"])
             else:
                 w, _ = self.frozen_weight(torch.float32)
                 frozen.write_dense_weight(base, self.base_kind, _undo_terms(w, t.M, t.W_add, record["w"]))

@@ -14,9 +14,9 @@ forward   u = x_l Aᵀ (cuBLAS, N × r), h = x Wᵀ + b (cuBLAS); one kernel rea
           in memory, so the forward writes nothing extra (the eager path writes h − l: one more pass).
 backward  one cuBLAS GEMM dx = dy W_m on the merged weight W_m = diag(γ) W + diag((1−γ) s) B A (formed by a kernel
           in one d_out × d_in pass: cheaper than any N × d pass once N > d_in / 2);
-          one kernel reads dy and h once and produces dγ = Σ_n dy ∘ (h − l), P = dyᵀ u (→ dB) and
-          v = ((1−γ) s ∘ dy) B, all as per-block fp32 partials summed afterwards (deterministic, no atomics);
-          dA = vᵀ x_l (cuBLAS).
+          one kernel reads dy and h once and produces P = dyᵀ u (→ dB = (1−γ) s ∘ P), v = ((1−γ) s ∘ dy) B and
+          dγ = Σ_n dy ∘ (h − l) = Σ_n dy ∘ h − s Σ_k B_jk P_jk (the low-rank part from P, so no l is formed),
+          all as per-block fp32 partials summed afterwards (deterministic, no atomics); dA = vᵀ x_l (cuBLAS).
 With a separate ``lora_x`` (dropout) the merge is impossible: dx = dy (diag(γ) W), dx_l = v A.
 """
 
@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..ops.gated_lora import gated_lora_ref
-from . import new_buffer
+from . import autotune_enabled, autotuned, call_op, new_buffer, sm_count
 
 __all__ = ["gated_lora_triton"]
 
@@ -70,15 +70,15 @@ def _gated_lora_fwd_kernel(
 @triton.jit
 def _gated_lora_bwd_kernel(
     DY, H, U, LB, GATE,  # dy (N, D), h (N, D), u (N, R), lora_B (D, R), γ
-    DG_PART,  # (G, D) fp32: Σ over the group's rows of dy ∘ (h − l)
-    P_PART,  # (G, D, BLOCK_R) fp32: dyᵀ u over the group's rows
-    V_PART,  # (cdiv(D, BLOCK_N), N, BLOCK_R) fp32: dy[:, block] ((1−γ) s ∘ B)[block]
+    DG_PART,  # (G, D) fp32: per row group, Σ_n dy ∘ (h − l)
+    DB_PART,  # (G, D, R) fp32: per row group, (1−γ) s ∘ (dyᵀ u)
+    V_PART,  # (cdiv(D, BLOCK_N), N, R) fp32: per column block, dy[:, block] ((1−γ) s ∘ B)[block]
     N, D, R, scaling, rows_per_group,
     stride_dy, stride_h, stride_u, stride_b,
     GATE_VEC: tl.constexpr, HAS_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # One program = one column block × one group of rows; it reads dy and h exactly once.
+    # One program = one column block × one group of rows; dy and h are read exactly once overall.
     pid_n, pid_g = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_R)
@@ -89,11 +89,10 @@ def _gated_lora_bwd_kernel(
         g = tl.load(GATE + rn, mask=mask_n, other=0.0).to(tl.float32)
         mix = ((1.0 - g) * scaling)[None, :]  # (1, BLOCK_N)
     else:
-        g = tl.load(GATE).to(tl.float32)
-        mix = (1.0 - g) * scaling
+        mix = (1.0 - tl.load(GATE).to(tl.float32)) * scaling
     bt_mix = (bt.to(tl.float32) * mix).to(bt.dtype)  # ((1−γ) s ∘ B)ᵀ, (BLOCK_R, BLOCK_N)
 
-    acc_dg = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_dh = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc_p = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     row_start = pid_g * rows_per_group
     row_end = tl.minimum(row_start + rows_per_group, N)
@@ -106,17 +105,29 @@ def _gated_lora_bwd_kernel(
         u = tl.load(U + rm64[:, None] * stride_u + rr[None, :], mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         if HAS_H:
             h = tl.load(H + rm64[:, None] * stride_h + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-            low = tl.dot(u, bt, input_precision=DOT_PRECISION) * scaling
-            acc_dg += tl.sum(dy.to(tl.float32) * (h - low), axis=0)
-        acc_p += tl.dot(tl.trans(dy), u, input_precision=DOT_PRECISION)
+            acc_dh += tl.sum(dy.to(tl.float32) * h, axis=0)
+        acc_p += tl.dot(tl.trans(dy), u, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_R)
         v = tl.dot(dy, tl.trans(bt_mix), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_R)
-        v_ptr = V_PART + (pid_n * N + rm64)[:, None] * BLOCK_R + rr[None, :]
-        tl.store(v_ptr, v, mask=mask_m[:, None])
+        v_ptr = V_PART + (pid_n * N + rm64)[:, None] * R + rr[None, :]
+        tl.store(v_ptr, v, mask=mask_m[:, None] & mask_r[None, :])
 
+    p_mask = mask_n[:, None] & mask_r[None, :]
     if HAS_H:
-        tl.store(DG_PART + pid_g * D + rn, acc_dg, mask=mask_n)
-    p_ptr = P_PART + (pid_g * D + rn)[:, None] * BLOCK_R + rr[None, :]
-    tl.store(p_ptr, acc_p, mask=mask_n[:, None])
+        # Σ_n dy ∘ l = s Σ_k B_jk (dyᵀ u)_jk: the low-rank part of dγ from P, so the loop needs no third dot.
+        corr = tl.sum(tl.trans(bt).to(tl.float32) * acc_p, axis=1) * scaling
+        tl.store(DG_PART + pid_g * D + rn, acc_dh - corr, mask=mask_n)
+    if GATE_VEC:
+        acc_p = acc_p * tl.trans(mix)
+    else:
+        acc_p = acc_p * mix
+    tl.store(DB_PART + (pid_g * D + rn)[:, None] * R + rr[None, :], acc_p, mask=p_mask)
+
+
+# Tuned on CUDA (first call per (D, R)): the loop is memory-bound with three small dots per tile, and the best tile
+# height / pipelining depth depends on the GPU. BLOCK_N stays fixed so that the partial buffers do not depend on it.
+_BWD_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
+                for bm in (32, 64) for w in (4, 8) for st in (2, 3, 4)]
+_gated_lora_bwd_tuned = autotuned(_gated_lora_bwd_kernel, _BWD_CONFIGS, key=["D", "R", "HAS_H", "GATE_VEC"])
 
 
 @triton.jit
@@ -165,14 +176,17 @@ def _block_r(r):
     return max(16, triton.next_power_of_2(r))
 
 
-def _blocks(n, d, block_m, block_n):
-    """Clamp tile sizes to the problem (tiny problems in the interpreter), keeping tl.dot's 16 minimum."""
+def _blocks(n, d, block_m, block_n, device):
+    """Tile sizes; in the interpreter clamped to the problem (keeping tl.dot's minimum of 16), since every masked-off
+    element costs time there. On GPU fixed, so one compiled variant serves every shape."""
+    if device.type == "cuda":
+        return block_m, block_n
     return (min(block_m, max(16, triton.next_power_of_2(n))), min(block_n, max(16, triton.next_power_of_2(d))))
 
 
 def _num_programs_target(device):
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 4 * sm_count(device)
     return 1  # the interpreter runs programs one after another at a fixed cost per tl op: few, large programs
 
 
@@ -182,10 +196,10 @@ def _launch_fwd(h, u, lora_B, gate, scaling):
     y = new_buffer(h.shape, h)
     if N == 0:
         return y
-    BLOCK_M, BLOCK_N = _blocks(N, D, 64 if h.is_cuda else 128, 128)
+    BLOCK_M, BLOCK_N = _blocks(N, D, 64 if h.is_cuda else 128, 128, h.device)
     grid = (triton.cdiv(N, BLOCK_M), triton.cdiv(D, BLOCK_N))
     _gated_lora_fwd_kernel[grid](
-        h, u, lora_B, gate, y, N, D, R, float(scaling),
+        h, u, lora_B, gate, y, N, D, R, scaling,
         h.stride(0), u.stride(0), lora_B.stride(0), y.stride(0),
         GATE_VEC=gate.numel() > 1, DOT_PRECISION=_dot_precision(h.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(R), num_warps=4,
@@ -194,43 +208,47 @@ def _launch_fwd(h, u, lora_B, gate, scaling):
 
 
 def _launch_bwd(dy, h, u, lora_B, gate, scaling):
-    """Returns dγ partial sums (G, D) | None, P = dyᵀ u (D, R) fp32, v (N, R) fp32."""
+    """Returns dγ (D,) fp32 | None, dB (D, R) fp32, v (N, R) fp32."""
     N, D = dy.shape
     R = lora_B.shape[1]
     if N == 0:
         f32 = dict(device=dy.device, dtype=torch.float32)
         return torch.zeros(D, **f32), torch.zeros(D, R, **f32), torch.zeros(0, R, **f32)
     BLOCK_R = _block_r(R)
-    BLOCK_M, BLOCK_N = _blocks(N, D, 32 if dy.is_cuda else 128, 128)
+    cuda = dy.is_cuda
+    BLOCK_M, BLOCK_N = _blocks(N, D, 64 if cuda else 128, 128, dy.device)  # BLOCK_M: the tuner's largest on CUDA
     n_col = triton.cdiv(D, BLOCK_N)
-    # Enough row groups to fill the GPU; each group's partials are D × (BLOCK_R + 1) fp32, so not more than that.
+    # Enough row groups to fill the GPU; each group's partials are D × (R + 1) fp32, so not more than that.
     groups = max(1, min(triton.cdiv(N, BLOCK_M), triton.cdiv(_num_programs_target(dy.device), n_col)))
     rows_per_group = triton.cdiv(triton.cdiv(N, groups), BLOCK_M) * BLOCK_M
     groups = triton.cdiv(N, rows_per_group)
     has_h = h is not None
     dg_part = new_buffer((groups, D), dy, torch.float32) if has_h else None
-    p_part = new_buffer((groups, D, BLOCK_R), dy, torch.float32)
-    v_part = new_buffer((n_col, N, BLOCK_R), dy, torch.float32)
-    _gated_lora_bwd_kernel[(n_col, groups)](
-        dy, h if has_h else dy, u, lora_B, gate, dg_part if has_h else p_part, p_part, v_part,
-        N, D, R, float(scaling), rows_per_group,
-        dy.stride(0), (h if has_h else dy).stride(0), u.stride(0), lora_B.stride(0),
-        GATE_VEC=gate.numel() > 1, HAS_H=has_h, DOT_PRECISION=_dot_precision(dy.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, num_warps=8,
-    )
-    p = p_part.sum(0)[:, :R]
-    v = v_part.sum(0)[:, :R] if n_col > 1 else v_part[0, :, :R]
-    return (dg_part.sum(0) if has_h else None), p, v
+    db_part = new_buffer((groups, D, R), dy, torch.float32)
+    v_part = new_buffer((n_col, N, R), dy, torch.float32)
+    args = (dy, h if has_h else dy, u, lora_B, gate, dg_part if has_h else db_part, db_part, v_part,
+            N, D, R, scaling, rows_per_group,
+            dy.stride(0), (h if has_h else dy).stride(0), u.stride(0), lora_B.stride(0))
+    meta = dict(GATE_VEC=gate.numel() > 1, HAS_H=has_h, DOT_PRECISION=_dot_precision(dy.dtype),
+                BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R)
+    if cuda and autotune_enabled():
+        _gated_lora_bwd_tuned[(n_col, groups)](*args, **meta)
+    else:
+        _gated_lora_bwd_kernel[(n_col, groups)](*args, **meta, BLOCK_M=BLOCK_M, num_warps=8)
+    dg = None if not has_h else (dg_part[0] if groups == 1 else dg_part.sum(0))
+    dB = db_part[0] if groups == 1 else db_part.sum(0)
+    v = v_part[0] if n_col == 1 else v_part.sum(0)
+    return dg, dB, v
 
 
 def _launch_merge(weight, lora_B, lora_A, gate, scaling, with_low=True):
     D_OUT, D_IN = weight.shape
     R = lora_A.shape[0]
     out = new_buffer(weight.shape, weight)
-    BLOCK_M, BLOCK_N = _blocks(D_OUT, D_IN, 64, 128)
+    BLOCK_M, BLOCK_N = _blocks(D_OUT, D_IN, 64, 128, weight.device)
     grid = (triton.cdiv(D_OUT, BLOCK_M), triton.cdiv(D_IN, BLOCK_N))
     _merge_weight_kernel[grid](
-        weight, lora_B, lora_A, gate, out, D_OUT, D_IN, R, float(scaling),
+        weight, lora_B, lora_A, gate, out, D_OUT, D_IN, R, scaling,
         weight.stride(0), lora_B.stride(0), lora_A.stride(0), out.stride(0),
         GATE_VEC=gate.numel() > 1, HAS_LOW=with_low, DOT_PRECISION=_dot_precision(weight.dtype),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=_block_r(R), num_warps=4,
@@ -243,8 +261,7 @@ def _launch_merge(weight, lora_B, lora_A, gate, scaling, with_low=True):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("hadapeft::gated_lora_fwd", mutates_args=())
-def _gated_lora_fwd(
+def _gated_lora_fwd_impl(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
     lora_B: torch.Tensor, gate: torch.Tensor, scaling: float, lora_x: Optional[torch.Tensor], save_h: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -255,25 +272,17 @@ def _gated_lora_fwd(
     return y, (h if save_h else h.new_empty(0)), u
 
 
-@_gated_lora_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x, save_h):
-    N, D = x.shape[0], weight.shape[0]
-    return x.new_empty(N, D), (x.new_empty(N, D) if save_h else x.new_empty(0)), x.new_empty(N, lora_A.shape[0])
-
-
-@torch.library.custom_op("hadapeft::gated_lora_bwd", mutates_args=())
-def _gated_lora_bwd(
+def _gated_lora_bwd_impl(
     dy: torch.Tensor, x_l: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
     gate: torch.Tensor, h: torch.Tensor, u: torch.Tensor, scaling: float, separate_lora_x: bool, need_dx: bool,
     need_dlx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dx, dA, dB, dγ, dx_l; dx / dx_l / dγ are empty when not needed (dγ needs h)."""
     has_h = h.numel() > 0 or dy.shape[0] == 0
-    dg, p, v = _launch_bwd(dy, h if h.numel() > 0 else None, u, lora_B, gate, scaling)
-    mix = ((1 - gate.float()) * scaling).unsqueeze(-1)  # (d_out, 1) | (1, 1)
-    dB = (p * mix).to(lora_B.dtype)
+    dg, dB, v = _launch_bwd(dy, h if h.numel() > 0 else None, u, lora_B, gate, scaling)
     v = v.to(dy.dtype)
-    dA = (v.t() @ x_l).to(lora_A.dtype)
+    dA = (v.t() @ x_l).to(lora_A.dtype)  # (r, d_in)
+    dB = dB.to(lora_B.dtype)
     dgate = dy.new_empty(0, dtype=gate.dtype)
     if has_h:
         dgate = (dg if gate.numel() > 1 else dg.sum().reshape(1)).to(gate.dtype)
@@ -286,6 +295,16 @@ def _gated_lora_bwd(
     elif need_dx:
         dx = dy @ _launch_merge(weight, lora_B, lora_A, gate, scaling)
     return dx, dA, dB, dgate, dlx
+
+
+_gated_lora_fwd = torch.library.custom_op("hadapeft::gated_lora_fwd", _gated_lora_fwd_impl, mutates_args=())
+_gated_lora_bwd = torch.library.custom_op("hadapeft::gated_lora_bwd", _gated_lora_bwd_impl, mutates_args=())
+
+
+@_gated_lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x, save_h):
+    N, D = x.shape[0], weight.shape[0]
+    return x.new_empty(N, D), (x.new_empty(N, D) if save_h else x.new_empty(0)), x.new_empty(N, lora_A.shape[0])
 
 
 @_gated_lora_bwd.register_fake
@@ -310,7 +329,8 @@ class GatedLoraTritonFunction(torch.autograd.Function):
         x2 = x.reshape(-1, d_in).contiguous()
         lx2 = None if lora_x is None else lora_x.reshape(-1, d_in).contiguous()
         save_h = ctx.needs_input_grad[5]
-        y, h, u = torch.ops.hadapeft.gated_lora_fwd(x2, weight, bias, lora_A, lora_B, gate, scaling, lx2, save_h)
+        y, h, u = call_op(_gated_lora_fwd, _gated_lora_fwd_impl,
+                          x2, weight, bias, lora_A, lora_B, gate, scaling, lx2, save_h)
         ctx.save_for_backward(x2 if lx2 is None else lx2, weight, lora_A, lora_B, gate, h, u)
         ctx.scaling = scaling
         ctx.separate_lora_x = lx2 is not None
@@ -322,7 +342,8 @@ class GatedLoraTritonFunction(torch.autograd.Function):
         x_l, weight, lora_A, lora_B, gate, h, u = ctx.saved_tensors
         dy2 = dy.reshape(-1, weight.shape[0]).contiguous()
         need_dx, need_dlx = ctx.needs_input_grad[0], ctx.needs_input_grad[7]
-        dx, dA, dB, dgate, dlx = torch.ops.hadapeft.gated_lora_bwd(
+        dx, dA, dB, dgate, dlx = call_op(
+            _gated_lora_bwd, _gated_lora_bwd_impl,
             dy2, x_l, weight, lora_A, lora_B, gate, h, u, ctx.scaling, ctx.separate_lora_x, need_dx, need_dlx)
         dx = dx.view(ctx.x_shape) if need_dx else None
         dlx = dlx.view(ctx.x_shape) if (ctx.separate_lora_x and need_dlx) else None
@@ -359,6 +380,6 @@ def gated_lora_triton(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=Non
     # Inference: skip autograd and do not keep h alive.
     d_in = x.shape[-1]
     lx2 = None if lora_x is None else lora_x.reshape(-1, d_in).contiguous()
-    y, _, _ = torch.ops.hadapeft.gated_lora_fwd(
-        x.reshape(-1, d_in).contiguous(), weight, bias, lora_A, lora_B, gate, scaling, lx2, False)
+    y, _, _ = call_op(_gated_lora_fwd, _gated_lora_fwd_impl,
+                      x.reshape(-1, d_in).contiguous(), weight, bias, lora_A, lora_B, gate, scaling, lx2, False)
     return y.view(*x.shape[:-1], weight.shape[0])

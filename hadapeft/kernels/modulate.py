@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..ops.modulate import modulated_linear_ref
-from . import new_buffer
+from . import autotune_enabled, autotuned, call_op, new_buffer, sm_count
 
 __all__ = ["modulated_linear_triton"]
 
@@ -129,6 +129,33 @@ def _table_grad_kernel(
     tl.store(OUT + t * D + rn, acc.to(OUT.dtype.element_ty), mask=mask_n)
 
 
+@triton.jit
+def _scale_weight_kernel(
+    W, ROW, COL, OUT,  # W (M, K); ROW (M,) | COL (K,): row 0 of a table; OUT (M, K) = diag(ROW) W diag(COL)
+    M, K, stride_w, stride_o,
+    HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = rm < M, rn < K
+    mask = mask_m[:, None] & mask_n[None, :]
+    rm64 = rm.to(tl.int64)
+    w = tl.load(W + rm64[:, None] * stride_w + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_ROW:
+        w = w * tl.load(ROW + rm, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    if HAS_COL:
+        w = w * tl.load(COL + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(OUT + rm64[:, None] * stride_o + rn[None, :], w.to(OUT.dtype.element_ty), mask=mask)
+
+
+# Tuned on CUDA (first call per key): a streaming reduction whose speed depends on tile height and loads in flight.
+# OUT may alias A (dx = i ∘ dx_s in place), so the tuner restores it between its trial runs.
+_BWD_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
+                for bm in (16, 32, 64) for w in (4, 8) for st in (1, 3)]
+_modulate_bwd_tuned = autotuned(_modulate_bwd_kernel, _BWD_CONFIGS, restore_value=["OUT"],
+                                key=["D", "REDUCE_AX", "REDUCE_A", "WRITE", "HAS_INDEX"])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,7 +171,7 @@ def _launch_rows(x, scale=None, bias=None, shift=None, index=None, rows_per_samp
     y = new_buffer(x.shape, x) if out is None else out
     if N == 0:
         return y
-    BLOCK_M, BLOCK_N = min(32 if x.is_cuda else 128, _p2(N, 1)), min(256, _p2(D))
+    BLOCK_M, BLOCK_N = (32, 256) if x.is_cuda else (min(128, _p2(N, 1)), min(256, _p2(D)))
     grid = (triton.cdiv(N, BLOCK_M), triton.cdiv(D, BLOCK_N))
     _modulate_rows_kernel[grid](
         x, scale if scale is not None else x, bias if bias is not None else x, shift if shift is not None else x,
@@ -161,10 +188,11 @@ def _launch_bwd(a, x, scale, index, num_samples, reduce_ax, reduce_a, write, out
     """One pass over a (N, D) (and x): per-sample partials (B, S, D) of Σ a∘x and Σ a, and out = scale[t] ∘ a."""
     N, D = a.shape
     L = N // num_samples
+    cuda = a.is_cuda
     # The interpreter runs programs one by one at a fixed cost per tl op: there, few programs with tall tiles.
-    BLOCK_M, BLOCK_N = min(32 if a.is_cuda else 128, _p2(L, 1)), min(256, _p2(D))
+    BLOCK_M, BLOCK_N = (64, 256) if cuda else (min(128, _p2(L, 1)), min(256, _p2(D)))
     n_col = triton.cdiv(D, BLOCK_N)
-    target = 4 * torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 1
+    target = 8 * sm_count(a.device) if cuda else 1
     splits = max(1, min(triton.cdiv(L, BLOCK_M), triton.cdiv(target, n_col * num_samples)))
     rows_per_split = triton.cdiv(triton.cdiv(L, splits), BLOCK_M) * BLOCK_M
     splits = triton.cdiv(L, rows_per_split)
@@ -173,15 +201,17 @@ def _launch_bwd(a, x, scale, index, num_samples, reduce_ax, reduce_a, write, out
     if write and out is None:
         out = new_buffer(a.shape, a)
     dummy = red_ax if reduce_ax else (red_a if reduce_a else a)
-    _modulate_bwd_kernel[(n_col, num_samples, splits)](
-        a, x if x is not None else a, scale if scale is not None else a, index if index is not None else a,
-        out if write else a, red_ax if reduce_ax else dummy, red_a if reduce_a else dummy,
-        D, L, rows_per_split,
-        a.stride(0), x.stride(0) if x is not None else 0, scale.stride(0) if scale is not None else 0,
-        out.stride(0) if write else 0,
-        REDUCE_AX=reduce_ax, REDUCE_A=reduce_a, WRITE=write, HAS_INDEX=index is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=8,
-    )
+    args = (a, x if x is not None else a, scale if scale is not None else a, index if index is not None else a,
+            out if write else a, red_ax if reduce_ax else dummy, red_a if reduce_a else dummy,
+            D, L, rows_per_split,
+            a.stride(0), x.stride(0) if x is not None else 0, scale.stride(0) if scale is not None else 0,
+            out.stride(0) if write else 0)
+    meta = dict(REDUCE_AX=reduce_ax, REDUCE_A=reduce_a, WRITE=write, HAS_INDEX=index is not None, BLOCK_N=BLOCK_N)
+    grid = (n_col, num_samples, splits)
+    if cuda and autotune_enabled():
+        _modulate_bwd_tuned[grid](*args, **meta)
+    else:
+        _modulate_bwd_kernel[grid](*args, **meta, BLOCK_M=BLOCK_M, num_warps=8)
     return red_ax, red_a, out
 
 
@@ -190,10 +220,23 @@ def _launch_table_grad(part, index, table):
     T, D = table.shape
     out = new_buffer((T, D), table)
     B, S, _ = part.shape
-    BLOCK_N = min(1024, _p2(D))
+    BLOCK_N = 128 if table.is_cuda else min(1024, _p2(D))
     _table_grad_kernel[(T, triton.cdiv(D, BLOCK_N))](
         part, index if index is not None else part, out, B, S, D,
         HAS_INDEX=index is not None, BLOCK_N=BLOCK_N, num_warps=4,
+    )
+    return out
+
+
+def _launch_scale_weight(weight, row=None, col=None):
+    """diag(row) W diag(col) for single-row tables (1, d): one pass over W instead of one over an activation."""
+    M, K = weight.shape
+    out = new_buffer(weight.shape, weight)
+    BLOCK_M, BLOCK_N = (64, 128) if weight.is_cuda else (min(64, _p2(M)), min(128, _p2(K)))
+    _scale_weight_kernel[(triton.cdiv(M, BLOCK_M), triton.cdiv(K, BLOCK_N))](
+        weight, row if row is not None else weight, col if col is not None else weight, out,
+        M, K, weight.stride(0), out.stride(0),
+        HAS_ROW=row is not None, HAS_COL=col is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=4,
     )
     return out
 
@@ -207,8 +250,7 @@ def _empty(ref):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("hadapeft::modulated_linear_fwd", mutates_args=())
-def _modulated_linear_fwd(
+def _modulated_linear_fwd_impl(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_scale: Optional[torch.Tensor],
     out_scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], index: Optional[torch.Tensor],
     num_samples: int, scale_bias: bool, save_h: bool,
@@ -219,7 +261,7 @@ def _modulated_linear_fwd(
     w = weight
     if in_scale is not None:
         if index is None and N > d_out:
-            w = weight * in_scale.to(weight.dtype)  # one d_out × d_in pass instead of an N × d_in one
+            w = _launch_scale_weight(weight, col=in_scale)  # one d_out × d_in pass, not an N × d_in one
         else:
             x = _launch_rows(x, scale=in_scale, index=index, rows_per_sample=L)
     bias_in_gemm = bias is not None and (scale_bias or out_scale is None)
@@ -231,14 +273,17 @@ def _modulated_linear_fwd(
     return y, (h if save_h and out_scale is not None else _empty(h))
 
 
+_modulated_linear_fwd = torch.library.custom_op("hadapeft::modulated_linear_fwd", _modulated_linear_fwd_impl,
+                                                 mutates_args=())
+
+
 @_modulated_linear_fwd.register_fake
 def _(x, weight, bias, in_scale, out_scale, shift, index, num_samples, scale_bias, save_h):
     N, d_out = x.shape[0], weight.shape[0]
     return x.new_empty(N, d_out), (x.new_empty(N, d_out) if save_h and out_scale is not None else x.new_empty(0))
 
 
-@torch.library.custom_op("hadapeft::modulated_linear_bwd", mutates_args=())
-def _modulated_linear_bwd(
+def _modulated_linear_bwd_impl(
     dy: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tensor, in_scale: Optional[torch.Tensor],
     out_scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], index: Optional[torch.Tensor],
     h: torch.Tensor, num_samples: int, need_dx: bool, need_din: bool, need_dout: bool, need_dshift: bool,
@@ -268,7 +313,7 @@ def _modulated_linear_bwd(
             d_shift_t = _launch_table_grad(red_b, index, shift)
     if need_dxs:
         if fold_o:
-            w = weight * out_scale.to(weight.dtype).reshape(-1, 1)
+            w = _launch_scale_weight(weight, row=out_scale)
         dxs = dh @ w  # (N, d_in): gradient w.r.t. the scaled input i ∘ x
         if in_scale is None:
             dx = dxs
@@ -281,6 +326,10 @@ def _modulated_linear_bwd(
             if need_dx:
                 dx = dxs  # scaled in place: dx = i[t] ∘ dx_s
     return dx, d_in_t, d_out_t, d_shift_t
+
+
+_modulated_linear_bwd = torch.library.custom_op("hadapeft::modulated_linear_bwd", _modulated_linear_bwd_impl,
+                                                 mutates_args=())
 
 
 @_modulated_linear_bwd.register_fake
@@ -301,8 +350,8 @@ class ModulatedLinearTritonFunction(torch.autograd.Function):
         B, d_in = x.shape[0], x.shape[-1]
         x2 = x.reshape(-1, d_in).contiguous()  # (N, d_in), N = B·L
         save_h = out_scale is not None and ctx.needs_input_grad[4]
-        y, h = torch.ops.hadapeft.modulated_linear_fwd(
-            x2, weight, bias, in_scale, out_scale, shift, index, B, scale_bias, save_h)
+        y, h = call_op(_modulated_linear_fwd, _modulated_linear_fwd_impl,
+                       x2, weight, bias, in_scale, out_scale, shift, index, B, scale_bias, save_h)
         # x is needed only for the in-scale gradient.
         ctx.save_for_backward(x2 if in_scale is not None and ctx.needs_input_grad[3] else None,
                               weight, in_scale, out_scale, shift, index, h)
@@ -314,9 +363,9 @@ class ModulatedLinearTritonFunction(torch.autograd.Function):
         x2, weight, in_scale, out_scale, shift, index, h = ctx.saved_tensors
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, weight.shape[0]).contiguous()
-        dx, d_in_t, d_out_t, d_shift_t = torch.ops.hadapeft.modulated_linear_bwd(
-            dy2, x2, weight, in_scale, out_scale, shift, index, h, ctx.num_samples,
-            need[0], need[3], need[4], need[5])
+        dx, d_in_t, d_out_t, d_shift_t = call_op(
+            _modulated_linear_bwd, _modulated_linear_bwd_impl,
+            dy2, x2, weight, in_scale, out_scale, shift, index, h, ctx.num_samples, need[0], need[3], need[4], need[5])
         return (dx.view(ctx.x_shape) if need[0] else None, None, None,
                 d_in_t if need[3] else None, d_out_t if need[4] else None, d_shift_t if need[5] else None,
                 None, None)
@@ -350,7 +399,7 @@ def modulated_linear_triton(x, weight, bias, in_scale=None, out_scale=None, shif
     tensors = [t for t in (x, in_scale, out_scale, shift) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return ModulatedLinearTritonFunction.apply(x, weight, bias, in_scale, out_scale, shift, index, scale_bias)
-    y, _ = torch.ops.hadapeft.modulated_linear_fwd(
-        x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, in_scale, out_scale, shift, index, x.shape[0],
-        scale_bias, False)
+    y, _ = call_op(_modulated_linear_fwd, _modulated_linear_fwd_impl,
+                   x.reshape(-1, x.shape[-1]).contiguous(), weight, bias, in_scale, out_scale, shift, index,
+                   x.shape[0], scale_bias, False)
     return y.view(*x.shape[:-1], weight.shape[0])
