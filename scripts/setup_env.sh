@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create (or reuse) ./.venv with hadapeft and everything its tests, recipes and benchmarks need.
+# torch is installed first and pinned: `pip install torch==2.13.0` takes the CPU wheel from local disk, while a bare
+# `torch` requirement would pull a multi-GB CUDA build. Pass --fresh to rebuild the venv from scratch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [[ "${1:-}" == "--fresh" ]]; then rm -rf .venv; fi
+if [[ ! -x .venv/bin/python ]]; then "$PY" -m venv .venv; fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -c "import torch, peft, transformers, hadapeft; print(f'hadapeft {hadapeft.__version__}: torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}')"
