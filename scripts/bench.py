@@ -1,0 +1,582 @@
+"""Per-layer and end-to-end benchmarks of hadapeft against the frozen base layer and PEFT LoRA / IA3.
+
+    python -m scripts.bench                       # preset by device: "gpu" on CUDA (bf16), "cpu" otherwise (fp32)
+    python -m scripts.bench --op gated_lora film  # only these hadapeft ops (the baselines always run)
+    python -m scripts.bench --e2e                 # training tokens/s + peak memory on a Llama-shaped model
+
+Layer mode: one linear layer, forward + backward (gradients of the input and of the adapter parameters; the base
+weight is frozen), for each case:
+
+    base          the frozen nn.Linear alone (every ratio is taken against this, measured in the same run)
+    peft_lora     peft LoRA r=16 (lora.Linear from get_peft_model on a one-layer module, adapters in the base dtype)
+    peft_ia3      peft IA3 on the output; peft_ia3_ff: IA3 as a feedforward module (scales the input)
+    gated_lora    hadapeft gated LoRA, vector gate, r=16               (each on each available backend:
+    ia3           modulate, out-scale (one table row)                   "torch" everywhere, "triton" on CUDA)
+    ia3_ff        modulate, in-scale
+    film          modulate, out-scale + shift, per-sample index, 4 tasks
+    hypermod      modulate, rank-1 in + out scale, scale_bias=False, per-sample tables T = B, index = arange(B)
+
+hadapeft ops are called at the op level (``hadapeft.ops``), peft through its layer; x is (4, tokens / 4, d_in).
+Time: median over many repeats after a warm-up, cycling through several preallocated inputs and output gradients
+(so no case runs from a warm cache); CUDA events on GPU, ``time.perf_counter`` on CPU.
+Memory, two figures:
+    peak   GPU only: ``torch.cuda.max_memory_allocated`` during one forward + backward, minus what was allocated
+           before it (inputs, weights); so it counts the output, saved activations, temporaries and gradients.
+    saved  both devices: bytes held between forward and backward: the output plus every tensor autograd saves
+           (``torch.autograd.graph.saved_tensors_hooks``; unique storages; the input and the weights, which the
+           caller keeps alive anyway, are not counted).
+
+Results go to ``benchmarks/results/<date>-<device>[-e2e].{json,md}`` with device name and library versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+HADAPEFT_OPS = ("gated_lora", "ia3", "ia3_ff", "film", "hypermod")
+BASELINES = ("base", "peft_lora", "peft_ia3", "peft_ia3_ff")
+RANK, ALPHA, BATCH, NUM_TASKS = 16, 32, 4, 4
+
+PRESETS = {
+    # (d_in, d_out) shapes, token counts, dtype, warm-up, repeats, rotating input sets
+    "gpu": dict(shapes=[(4096, 4096), (4096, 11008), (768, 3072)], tokens=[2048, 8192, 16384],
+                dtype="bfloat16", warmup=10, repeats=50, rotate=4),
+    "cpu": dict(shapes=[(768, 3072), (1024, 1024)], tokens=[2048], dtype="float32", warmup=2, repeats=8, rotate=2),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cases
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _OneLayer(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _peft_layer(kind, base: nn.Linear):
+    """The peft tuner layer wrapping ``base`` (LoRA r=16, or IA3 on the output / as a feedforward module)."""
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    module = _OneLayer(base.in_features, base.out_features)
+    module.proj = base
+    if kind == "peft_lora":
+        cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=["proj"])
+    else:
+        cfg = IA3Config(target_modules=["proj"], feedforward_modules=["proj"] if kind == "peft_ia3_ff" else [])
+    # Adapters in the base dtype, as hadapeft's here (peft would otherwise upcast them to fp32 and cast x).
+    model = get_peft_model(module, cfg, autocast_adapter_dtype=False)
+    layer = model.base_model.model.proj
+    params = [p for p in layer.parameters() if p.requires_grad]
+    if kind == "peft_lora":  # peft inits B = 0; random B keeps the work realistic (same as below)
+        with torch.no_grad():
+            layer.lora_B["default"].weight.normal_(0, 0.02)
+    return layer, params
+
+
+def make_case(name, backend, d_in, d_out, dtype, device):
+    """Returns (fn(x) -> y, trainable params, frozen tensors)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, scale=1.0, offset=0.0, grad=True):
+        t = (torch.randn(*shape, generator=gen) * scale + offset).to(device=device, dtype=dtype)
+        return t.requires_grad_(grad)
+
+    base = nn.Linear(d_in, d_out, bias=False).to(device=device, dtype=dtype).requires_grad_(False)
+    if name == "base":
+        return base, [], [base.weight]
+    if name.startswith("peft_"):
+        layer, params = _peft_layer(name, base)
+        return layer, params, [base.weight]
+
+    from hadapeft.ops import gated_lora_linear, modulated_linear
+
+    W = base.weight
+    if name == "gated_lora":
+        A, B = rand(RANK, d_in, scale=d_in ** -0.5), rand(d_out, RANK, scale=0.02)
+        gate = torch.rand(d_out, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+        return (lambda x: gated_lora_linear(x, W, None, A, B, gate, ALPHA / RANK, backend=backend)), [A, B, gate], [W]
+    tables = {
+        "ia3": dict(out_scale=rand(1, d_out, scale=0.1, offset=1.0)),
+        "ia3_ff": dict(in_scale=rand(1, d_in, scale=0.1, offset=1.0)),
+        "film": dict(out_scale=rand(NUM_TASKS, d_out, scale=0.1, offset=1.0), shift=rand(NUM_TASKS, d_out, scale=0.1),
+                     index=torch.tensor([2, 0, 3, 1], device=device)),
+        "hypermod": dict(in_scale=rand(BATCH, d_in, scale=0.1, offset=1.0),
+                         out_scale=rand(BATCH, d_out, scale=0.1, offset=1.0),
+                         index=torch.arange(BATCH, device=device), scale_bias=False),
+    }[name]
+    params = [t for k, t in tables.items() if k != "index" and isinstance(t, torch.Tensor)]
+    return (lambda x: modulated_linear(x, W, None, backend=backend, **tables)), params, [W]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _graph_time(step, rotate, repeats):
+    """Median time per step replaying CUDA graphs of it (one graph per rotating input set): the GPU time alone,
+    without the host's launch overhead. None if the step cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # capture needs a warm-up on a side stream
+            for i in range(3):
+                step(i)
+        torch.cuda.current_stream().wait_stream(side)
+        graphs = []
+        for k in range(rotate):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                step(k)
+            graphs.append(g)
+        for g in graphs:
+            g.replay()
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(repeats + 1)]
+        events[0].record()
+        for i in range(repeats):
+            graphs[i % rotate].replay()
+            events[i + 1].record()
+        events[-1].synchronize()
+        return statistics.median(events[i].elapsed_time(events[i + 1]) for i in range(repeats))
+    except Exception as e:  # noqa: BLE001 - report eager numbers regardless
+        print(f"  (CUDA graph capture failed: {type(e).__name__}: {e})")
+        torch.cuda.synchronize()
+        return None
+    finally:
+        graphs = None
+        torch.cuda.empty_cache()
+
+
+def measure(fn, params, frozen, d_in, d_out, tokens, dtype, device, warmup, repeats, rotate, profile=None,
+            graphs=True):
+    L = tokens // BATCH
+    xs = [torch.randn(BATCH, L, d_in, device=device, dtype=dtype).requires_grad_() for _ in range(rotate)]
+    dys = [torch.randn(BATCH, L, d_out, device=device, dtype=dtype) for _ in range(rotate)]
+
+    def step(i):
+        x = xs[i % rotate]
+        y = fn(x)
+        torch.autograd.grad(y, [x] + params, dys[i % rotate])
+
+    for i in range(warmup):
+        step(i)
+    _sync(device)
+    times, cpu_times = [], []
+    if device.type == "cuda":
+        # Steps back to back, an event between each two: a layer inside a model runs while the CPU is already
+        # queueing the next ones, so per-step launch latency is hidden but a CPU-bound step still shows.
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(repeats + 1)]
+        events[0].record()
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            step(i)
+            cpu_times.append((time.perf_counter() - t0) * 1e3)
+            events[i + 1].record()
+        events[-1].synchronize()
+        times = [events[i].elapsed_time(events[i + 1]) for i in range(repeats)]
+    else:
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            step(i)
+            times.append((time.perf_counter() - t0) * 1e3)
+
+    graph_ms = None
+    if device.type == "cuda" and graphs:
+        graph_ms = _graph_time(step, rotate, repeats)
+
+    peak = None
+    if device.type == "cuda":
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step(0)
+        _sync(device)
+        peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+    # Bytes held between forward and backward: the output and what autograd saves, minus caller-owned tensors.
+    owned = {t.untyped_storage().data_ptr() for t in [xs[0]] + params + frozen}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in owned:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(xs[0])
+    saved.setdefault(y.untyped_storage().data_ptr(), y.untyped_storage().nbytes())
+    del y
+    res = dict(ms=statistics.median(times), ms_min=min(times), peak_mib=peak, saved_mib=sum(saved.values()) / 2**20,
+               cpu_ms=statistics.median(cpu_times) if cpu_times else None, graph_ms=graph_ms)
+    if profile is not None:  # per-kernel breakdown of a few steps, for finding where the time goes
+        from torch.profiler import ProfilerActivity, profile as _profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with _profile(activities=acts) as prof:
+            for i in range(3):
+                step(i)
+            _sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        profile.append(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60))
+    return res
+
+
+def backends_available(device):
+    return ["torch", "triton"] if device.type == "cuda" else ["torch"]
+
+
+def run_layers(args, device, dtype):
+    preset = PRESETS[args.preset]
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else preset["shapes"]
+    tokens_list = args.tokens or preset["tokens"]
+    warmup, repeats = args.warmup or preset["warmup"], args.repeats or preset["repeats"]
+    rotate = preset["rotate"]
+    backends = args.backends or backends_available(device)
+    rows = []
+    for d_in, d_out in shapes:
+        for tokens in tokens_list:
+            cases = [(b, None) for b in BASELINES] + [(op, be) for op in args.op for be in backends]
+            base_res = None
+            for name, backend in cases:
+                fn, params, frozen = make_case(name, backend, d_in, d_out, dtype, device)
+                try:
+                    prof = [] if args.profile else None
+                    res = measure(fn, params, frozen, d_in, d_out, tokens, dtype, device, warmup, repeats, rotate,
+                                  prof)
+                    if prof:
+                        with open(args.profile, "a") as f:
+                            f.write(f"\n### {d_in}x{d_out} {tokens} {name} {backend}\n{prof[0]}\n")
+                except Exception as e:  # keep the sweep going; the table says what failed
+                    res = dict(ms=None, error=f"{type(e).__name__}: {e}"[:200])
+                del fn, params, frozen
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if name == "base":
+                    base_res = res
+                row = dict(shape=f"{d_in}x{d_out}", d_in=d_in, d_out=d_out, tokens=tokens, case=name,
+                           backend=backend or "-", **res)
+                if res.get("ms") and base_res and base_res.get("ms"):
+                    row["x_base"] = res["ms"] / base_res["ms"]
+                    if res.get("graph_ms") and base_res.get("graph_ms"):
+                        row["graph_x_base"] = res["graph_ms"] / base_res["graph_ms"]
+                    if res.get("peak_mib") is not None and base_res.get("peak_mib"):
+                        row["peak_x_base"] = res["peak_mib"] / base_res["peak_mib"]
+                rows.append(row)
+                print(_fmt_row(row), flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------------------------
+
+E2E = {
+    "gpu": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=8, num_attention_heads=16,
+                num_key_value_heads=16, vocab_size=32000, seq=2048, batch=4, warmup=3, steps=10),
+    "cpu": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=1000, seq=128, batch=2, warmup=2, steps=5),
+}
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IA3_TARGETS, IA3_FF = ["k_proj", "v_proj", "down_proj"], ["down_proj"]
+
+
+def _e2e_methods(device):
+    """(label, backend or None, config factory or a reason it is skipped)."""
+    from peft import IA3Config, LoraConfig
+
+    methods = [("peft_lora", None, lambda: LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=ALL_LINEAR)),
+               ("peft_ia3", None, lambda: IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FF))]
+    try:
+        import hadapeft
+    except Exception as e:  # noqa: BLE001 - report and benchmark what exists
+        hadapeft, why = None, f"import hadapeft failed: {type(e).__name__}: {e}"
+    for label, attr, make in (
+        ("hadapeft_gated_lora", "GatedLoraConfig",
+         lambda h: h.GatedLoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=ALL_LINEAR)),
+        ("hadapeft_ia3", "HadaIA3Config",
+         lambda h: h.HadaIA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FF)),
+    ):
+        for backend in backends_available(device):
+            if hadapeft is None or not hasattr(hadapeft, attr):
+                methods.append((label, backend, why if hadapeft is None else f"hadapeft.{attr} does not exist yet"))
+            else:
+                methods.append((label, backend, lambda make=make: make(hadapeft)))
+    return methods
+
+
+def run_e2e(args, device, dtype):
+    import contextlib
+
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = dict(E2E[args.preset])
+    seq, batch, warmup, steps = (spec.pop(k) for k in ("seq", "batch", "warmup", "steps"))
+    cfg = LlamaConfig(max_position_embeddings=seq, tie_word_embeddings=False, **spec)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen).to(device) for _ in range(2)]
+    rows = []
+    for label, backend, make in _e2e_methods(device):
+        row = dict(method=label, backend=backend or "-", tokens_per_step=batch * seq, **{"model": spec})
+        if isinstance(make, str):
+            row["skipped"] = make
+            print(f"e2e {label:22s} {backend or '-':7s} skipped: {make}", flush=True)
+            rows.append(row)
+            continue
+        try:
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+            model = get_peft_model(model, make(), autocast_adapter_dtype=False)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            ctx = contextlib.nullcontext()
+            if backend is not None:
+                import hadapeft
+
+                ctx = hadapeft.use_backend(backend)
+            with ctx:
+                def train_step(i):
+                    ids = batches[i % len(batches)]
+                    loss = model(input_ids=ids, labels=ids).loss
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+                for i in range(warmup):
+                    train_step(i)
+                _sync(device)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                t0 = time.perf_counter()
+                for i in range(steps):
+                    train_step(i)
+                _sync(device)
+                elapsed = time.perf_counter() - t0
+            row.update(tokens_per_s=batch * seq * steps / elapsed, step_ms=elapsed / steps * 1e3,
+                       trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
+            if device.type == "cuda":
+                row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            del model, opt
+        except Exception as e:  # noqa: BLE001 - keep going; the table says what failed
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"e2e {label:22s} {backend or '-':7s} " + json.dumps(
+            {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()
+             if k in ("tokens_per_s", "step_ms", "peak_gib", "error", "trainable")}), flush=True)
+        rows.append(row)
+    ref = next((r for r in rows if r["method"] == "peft_lora" and r.get("tokens_per_s")), None)
+    for r in rows:
+        if ref and r.get("tokens_per_s"):
+            r["speed_x_peft_lora"] = r["tokens_per_s"] / ref["tokens_per_s"]
+            if r.get("peak_gib") and ref.get("peak_gib"):
+                r["peak_x_peft_lora"] = r["peak_gib"] / ref["peak_gib"]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reporting
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _f(v, spec=".3f"):
+    return "–" if v is None else format(v, spec)
+
+
+def _fmt_row(r):
+    if r.get("error"):
+        return f"{r['shape']:>10s} {r['tokens']:6d} {r['case']:12s} {r['backend']:7s} ERROR {r['error']}"
+    return (f"{r['shape']:>10s} {r['tokens']:6d} {r['case']:12s} {r['backend']:7s} {r['ms']:9.3f} ms "
+            f"{_f(r.get('x_base'), '.3f')}x  peak {_f(r.get('peak_mib'), '.0f')} MiB  saved {r['saved_mib']:.1f} MiB"
+            f"  cpu {_f(r.get('cpu_ms'), '.3f')} ms  graph {_f(r.get('graph_ms'), '.3f')} ms "
+            f"{_f(r.get('graph_x_base'), '.3f')}x")
+
+
+def environment(device):
+    import peft
+    import transformers
+
+    env = dict(date=_dt.date.today().isoformat(), torch=torch.__version__, peft=peft.__version__,
+               transformers=transformers.__version__, python=platform.python_version())
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device"] = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+        # Other processes on a shared CPU skew timings; the 1-minute load average at the start says how much.
+        env["load_average_1min"] = round(os.getloadavg()[0], 2)
+    return env
+
+
+def targets(rows):
+    """The DESIGN.md targets, evaluated where the run has the data (4096x4096, 8192 tokens)."""
+    out = []
+
+    def get(case, backend, shape="4096x4096", tokens=8192):
+        return next((r for r in rows if r["case"] == case and r["backend"] in (backend, "-")
+                     and r["shape"] == shape and r["tokens"] == tokens and r.get("ms")), None)
+
+    lora = get("peft_lora", "-")
+    timings = [("ms", "x_base", "")] + ([("graph_ms", "graph_x_base", " (graph)")]
+                                        if any(r.get("graph_ms") for r in rows) else [])
+    for backend in ("triton", "torch"):
+        g = get("gated_lora", backend)
+        for ms, xb, tag in timings:
+            if g and g.get(xb):
+                out.append((f"gated_lora[{backend}] ≤ 1.20× base{tag}", g[xb], g[xb] <= 1.20))
+                if lora and lora.get(ms):
+                    out.append((f"gated_lora[{backend}] ≥ 1.25× faster than peft LoRA{tag}", lora[ms] / g[ms],
+                                lora[ms] / g[ms] >= 1.25))
+        if g and lora and g.get("peak_mib") is not None:
+            out.append((f"gated_lora[{backend}] peak ≤ peft LoRA peak (ratio)", g["peak_mib"] / lora["peak_mib"],
+                        g["peak_mib"] <= lora["peak_mib"]))
+        for op in ("ia3", "ia3_ff", "film", "hypermod"):
+            m = get(op, backend)
+            if m:
+                for _, xb, tag in timings:
+                    if m.get(xb):
+                        out.append((f"{op}[{backend}] ≤ 1.10× base{tag}", m[xb], m[xb] <= 1.10))
+                if lora and m.get("peak_mib") is not None:
+                    out.append((f"{op}[{backend}] peak ≤ peft LoRA peak (ratio)", m["peak_mib"] / lora["peak_mib"],
+                                m["peak_mib"] <= lora["peak_mib"]))
+    # CPU target: gated LoRA (torch path) ≤ 1.10× PEFT LoRA's time at equal rank, on every shape measured.
+    for r in rows:
+        if r["case"] == "gated_lora" and r["backend"] == "torch" and r.get("ms") and r.get("device_type") == "cpu":
+            lo = next((q for q in rows if q["case"] == "peft_lora" and q["shape"] == r["shape"]
+                       and q["tokens"] == r["tokens"] and q.get("ms")), None)
+            if lo:
+                out.append((f"cpu gated_lora {r['shape']} {r['tokens']} ≤ 1.10× peft LoRA", r["ms"] / lo["ms"],
+                            r["ms"] / lo["ms"] <= 1.10))
+    return out
+
+
+def layer_markdown(env, rows, args):
+    lines = [f"# hadapeft layer benchmark — {env['device']}", "",
+             f"Date {env['date']}; torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, "
+             f"transformers {env['transformers']}; dtype {args.dtype}"
+             + (f"; load average at start {env['load_average_1min']}" if "load_average_1min" in env else "")
+             + "; forward + backward (grad of x and of the "
+             f"adapter parameters, base frozen); batch {BATCH} × tokens/{BATCH}; r = {RANK}. "
+             "Median of repeats, rotating inputs (GPU: steps back to back, CUDA events between steps). `× base`: "
+             "time over the frozen nn.Linear alone in the same run. `graph`: the same step replayed from CUDA "
+             "graphs, i.e. GPU time without host launch overhead. `peak`: extra GPU memory during one forward + "
+             "backward; `saved`: output + tensors saved for backward (see scripts/bench.py); `CPU ms`: host time "
+             "to issue one step (a step is CPU-bound when this reaches `ms`).", ""]
+    for (shape, tokens) in dict.fromkeys((r["shape"], r["tokens"]) for r in rows):
+        lines += [f"## {shape} (d_in x d_out), {tokens} tokens", "",
+                  "| case | backend | ms | × base | graph ms | graph × base | peak MiB | peak × base | saved MiB "
+                  "| CPU ms |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            if (r["shape"], r["tokens"]) != (shape, tokens):
+                continue
+            if r.get("error"):
+                lines.append(f"| {r['case']} | {r['backend']} | error: {r['error']} | | | | | | | |")
+                continue
+            lines.append(f"| {r['case']} | {r['backend']} | {r['ms']:.3f} | {_f(r.get('x_base'))} | "
+                         f"{_f(r.get('graph_ms'))} | {_f(r.get('graph_x_base'))} | "
+                         f"{_f(r.get('peak_mib'), '.0f')} | {_f(r.get('peak_x_base'), '.2f')} | {r['saved_mib']:.1f} | "
+                         f"{_f(r.get('cpu_ms'))} |")
+        lines.append("")
+    checks = targets(rows)
+    if checks:
+        lines += ["## Targets (DESIGN.md)", "", "| target | measured | met |", "| --- | ---: | --- |"]
+        lines += [f"| {name} | {value:.3f} | {'yes' if ok else 'NO'} |" for name, value, ok in checks]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def e2e_markdown(env, rows, args):
+    spec = E2E[args.preset]
+    lines = [f"# hadapeft end-to-end training benchmark — {env['device']}", "",
+             f"Date {env['date']}; torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, "
+             f"transformers {env['transformers']}; dtype {args.dtype}. Llama-shaped model with random weights: "
+             f"hidden {spec['hidden_size']}, {spec['num_hidden_layers']} layers, intermediate "
+             f"{spec['intermediate_size']}, vocab {spec['vocab_size']}; batch {spec['batch']} × seq {spec['seq']}; "
+             f"AdamW; {spec['steps']} timed steps after {spec['warmup']} warm-up. LoRA / gated LoRA on all linear "
+             f"layers (r = {RANK}), IA3 on k, v, down (down as feedforward).", "",
+             "| method | backend | tokens/s | × peft LoRA | step ms | peak GiB | peak × peft LoRA | trainable |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if r.get("skipped") or r.get("error"):
+            lines.append(f"| {r['method']} | {r['backend']} | {r.get('skipped') or 'error: ' + r['error']} "
+                         "| | | | | |")
+            continue
+        lines.append(f"| {r['method']} | {r['backend']} | {r['tokens_per_s']:.0f} | "
+                     f"{_f(r.get('speed_x_peft_lora'))} | {r['step_ms']:.1f} | {_f(r.get('peak_gib'), '.2f')} | "
+                     f"{_f(r.get('peak_x_peft_lora'))} | {r['trainable']:,} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--op", nargs="+", default=list(HADAPEFT_OPS), choices=HADAPEFT_OPS, help="hadapeft ops to run")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu on CUDA, cpu otherwise")
+    p.add_argument("--shapes", nargs="+", help="d_inxd_out, e.g. 4096x4096 (overrides the preset)")
+    p.add_argument("--tokens", nargs="+", type=int, help="token counts (overrides the preset)")
+    p.add_argument("--backends", nargs="+", choices=["torch", "triton"], help="hadapeft backends to run")
+    p.add_argument("--dtype", default=None, help="default: the preset's (bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--e2e", action="store_true", help="end-to-end training throughput instead of single layers")
+    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--profile", metavar="FILE", help="append a torch.profiler kernel table per case to FILE")
+    p.add_argument("--tag", default=None, help="file name device tag (default: h100, h200, a100, ... or cpu)")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    args.dtype = args.dtype or PRESETS[args.preset]["dtype"]
+    dtype = getattr(torch, args.dtype)
+    env = environment(device)
+    tag = args.tag or next((t for t in ("h100", "h200", "a100", "l40", "a10") if t in env["device"].lower()),
+                           "cpu" if device.type == "cpu" else "gpu")
+    print(json.dumps(env), flush=True)
+
+    if args.e2e:
+        rows = run_e2e(args, device, dtype)
+        md = e2e_markdown(env, rows, args)
+        stem = f"{env['date']}-{tag}-e2e"
+    else:
+        rows = run_layers(args, device, dtype)
+        for r in rows:
+            r["device_type"] = device.type
+        md = layer_markdown(env, rows, args)
+        stem = f"{env['date']}-{tag}"
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(dict(env=env, args=vars(args), rows=rows), indent=1, default=str))
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+    print(f"wrote {out / stem}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
