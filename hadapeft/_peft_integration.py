@@ -4,7 +4,10 @@ Everything that relies on peft behaviour that is not a public, documented extens
 
 * adding members to peft's closed ``PeftType`` enum so that ``register_peft_method`` accepts our types
   (there is no plugin mechanism, see huggingface/peft#2273);
-* the supported peft version range, checked once at import.
+* the supported peft version range, checked once at import;
+* per-sample conditioning kwargs (``task_ids`` / ``task_embeds``) through peft's model wrappers, and through the
+  signature the HF Trainer reads to decide which dataset columns to keep;
+* the structural selection of an adapter's state-dict keys (used to check checkpoints before loading).
 
 Tested with peft 0.21.x (see ``SUPPORTED_PEFT``). Outside that range ``import hadapeft`` raises, because the enum
 surgery and the tuner hooks below depend on private layout that peft changes between minor releases.
@@ -13,6 +16,8 @@ surgery and the tuner hooks below depend on private layout that peft changes bet
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import sys
 
 import peft
@@ -176,3 +181,108 @@ def install_load_guard() -> None:
     load_adapter._hadapeft_guard = True
     PeftModel.from_pretrained = classmethod(from_pretrained)
     PeftModel.load_adapter = load_adapter
+
+
+def adapter_state_keys(model, adapter_name: str) -> list[str]:
+    """Keys of ``model.state_dict()`` that hold adapter ``adapter_name``: its entries in the tuner layers and in
+    model-level containers on the tuner (HyperMod's hypernetwork), as peft selects them for saving."""
+    from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
+
+    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+    return list(_filter_state_dict_by_key_prefixes(model.state_dict(), prefixes))
+
+
+# --- per-sample conditioning through peft's wrappers ------------------------------------------------------------------
+CONDITIONING_KWARGS = ("task_ids", "task_embeds")
+_INPUT_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+
+
+def _input_batch(args, kwargs):
+    """Batch size of a model call (None when it cannot be told from the arguments)."""
+    for value in (*(kwargs.get(k) for k in _INPUT_KEYS), *args[:1]):
+        if hasattr(value, "shape") and len(value.shape) > 0:
+            return value.shape[0]
+    return None
+
+
+def _hadapeft_active(peft_model) -> bool:
+    configs = getattr(peft_model, "peft_config", None) or {}
+    return any(getattr(configs.get(a), "peft_type", None) in HADAPEFT_TYPES for a in peft_model.active_adapters)
+
+
+def _conditioned_method(method):
+    """Wrap a PeftModel ``forward`` / ``generate``: take ``task_ids`` / ``task_embeds`` out of the call and run it
+    inside ``hadapeft.conditioning`` when a hadapeft adapter is active. peft's task wrappers capture ``task_ids`` for
+    their Poly method and silently drop it for every other type; for non-hadapeft adapters it is passed on untouched."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, task_ids=None, task_embeds=None, **kwargs):
+        if task_ids is None and task_embeds is None:
+            return method(self, *args, **kwargs)
+        if not _hadapeft_active(self):
+            passed = {k: v for k, v in (("task_ids", task_ids), ("task_embeds", task_embeds)) if v is not None}
+            return method(self, *args, **passed, **kwargs)
+        from .core.conditioning import conditioning
+
+        with conditioning(self, task_ids, task_embeds, batch=_input_batch(args, kwargs)):
+            return method(self, *args, **kwargs)
+
+    wrapper._hadapeft_conditioning = True
+    return wrapper
+
+
+def install_conditioning_kwargs() -> None:
+    """Let ``forward`` and ``generate`` of PeftModel and of each task class take ``task_ids`` / ``task_embeds``;
+    idempotent."""
+    from peft import PeftModel
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+
+    for cls in (PeftModel, *MODEL_TYPE_TO_PEFT_MODEL_MAPPING.values()):
+        for name in ("forward", "generate"):
+            method = cls.__dict__.get(name)  # only methods the class defines itself, so none is wrapped twice
+            if method is not None and not getattr(method, "_hadapeft_conditioning", False):
+                setattr(cls, name, _conditioned_method(method))
+
+
+class _ConditionedForward:
+    """Instance ``forward`` of a model with conditioned hadapeft adapters: the model's own forward, whose signature
+    also names ``task_ids`` and ``task_embeds`` (applied when given). The HF Trainer keeps only the dataset columns
+    that ``get_base_model().forward`` names, so a ``task_ids`` column survives ``remove_unused_columns=True``.
+
+    A plain object holding the model (not a closure), so that ``copy.deepcopy`` points the copy's forward at the copy
+    and the model still pickles."""
+
+    _hadapeft_conditioning = True
+
+    def __init__(self, model, inner=None):
+        self.model = model
+        self.inner = inner  # an instance forward that was there before (e.g. accelerate's hooks), else None
+        sig = inspect.signature(inner or model.forward)
+        params = [p for p in sig.parameters.values() if p.name not in CONDITIONING_KWARGS]
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in CONDITIONING_KWARGS]
+        at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
+        self.__signature__ = sig.replace(parameters=[*params[:at], *extra, *params[at:]])
+
+    def __call__(self, *args, task_ids=None, task_embeds=None, **kwargs):
+        inner = self.inner or type(self.model).forward.__get__(self.model)
+        if task_ids is None and task_embeds is None:
+            return inner(*args, **kwargs)
+        from .core.conditioning import conditioning
+
+        with conditioning(self.model, task_ids, task_embeds, batch=_input_batch(args, kwargs)):
+            return inner(*args, **kwargs)
+
+
+def install_conditioned_forward(model) -> None:
+    """Give ``model`` a :class:`_ConditionedForward` (idempotent)."""
+    current = model.__dict__.get("forward")
+    if not getattr(current, "_hadapeft_conditioning", False):
+        model.forward = _ConditionedForward(model, current)
+
+
+def uninstall_conditioned_forward(model) -> None:
+    current = model.__dict__.get("forward")
+    if getattr(current, "_hadapeft_conditioning", False):
+        del model.forward
+        if current.inner is not None:
+            model.forward = current.inner

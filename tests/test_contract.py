@@ -193,11 +193,8 @@ def test_half_precision_bases_keep_dtype(option, dtype):
     assert (logits(merged, inputs).float() - expected).abs().max() < tol * expected.abs().max()
 
 
-@pytest.mark.parametrize("option", ["gated_vector", "ia3"])
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("reentrant", [True, False])
-def test_gradient_checkpointing_same_gradients(option, family, reentrant):
-    inputs = make_inputs(family)
+def grads_with_and_without_checkpointing(option, family, reentrant, inputs) -> list[dict]:
+    """Trainable parameters' gradients of one training step, without and with gradient checkpointing."""
     grads = []
     for ckpt in (False, True):
         model = peft_model(option, family)
@@ -207,6 +204,14 @@ def test_gradient_checkpointing_same_gradients(option, family, reentrant):
             model.enable_input_require_grads()
         model(**inputs).logits.pow(2).mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    return grads
+
+
+@pytest.mark.parametrize("option", ["gated_vector", "ia3"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_same_gradients(option, family, reentrant):
+    grads = grads_with_and_without_checkpointing(option, family, reentrant, make_inputs(family))
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5), n

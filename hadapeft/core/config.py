@@ -92,9 +92,42 @@ class HadaConfig(PeftConfig):
                 f"this adapter was written by hadapeft {written}, newer than the installed {__version__}; "
                 f"upgrade with: pip install -U 'hadapeft>={written}'")
 
+    def conditioning_spec(self):
+        """What this adapter needs per sample (``ConditioningSpec``), or None for an unconditioned adapter."""
+        return None
+
     @staticmethod
     def _positive(name, value, allow_none=False):
         if value is None and allow_none:
             return
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise HadapeftConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+# One source for the conditioning fields' help (FiLM and HyperMod have both, HadaIA3 has num_tasks).
+NUM_TASKS_HELP = ("Number of tasks: a learned table row per task, chosen per sample by task_ids=LongTensor[batch] in "
+                  "forward / generate / hadapeft.conditioning.")
+TASK_EMBED_DIM_HELP = ("Width of an external conditioning vector per sample, task_embeds=FloatTensor[batch, dim] "
+                       "(e.g. a sentence embedding of the task description): works for tasks unseen in training.")
+
+
+@dataclass
+class TaskConditionedConfig(HadaConfig):
+    """Base of adapters conditioned per sample on a task id or a task embedding (exactly one of the two)."""
+
+    num_tasks: Optional[int] = help_field(None, NUM_TASKS_HELP)
+    task_embed_dim: Optional[int] = help_field(None, TASK_EMBED_DIM_HELP)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._positive("num_tasks", self.num_tasks, allow_none=True)
+        self._positive("task_embed_dim", self.task_embed_dim, allow_none=True)
+        if (self.num_tasks is None) == (self.task_embed_dim is None):
+            raise HadapeftConfigError(f"{type(self).__name__} needs exactly one of num_tasks (a task id per sample) "
+                                      f"and task_embed_dim (a conditioning vector per sample); got "
+                                      f"num_tasks={self.num_tasks}, task_embed_dim={self.task_embed_dim}")
+
+    def conditioning_spec(self):
+        from .conditioning import ConditioningSpec
+
+        return ConditioningSpec(str(self.peft_type.value), self.num_tasks, self.task_embed_dim)

@@ -46,8 +46,10 @@ class HadaLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, conditioning_state=None, **kwargs) -> None:
         super().__init__()
+        # The model's ConditioningState (shared by its layers and tuner): where conditioned adapters read task_ids.
+        self.conditioning_state = conditioning_state
         mode = base_layer.training
         self.base_layer = base_layer
         self.base_kind = frozen.layer_kind(self.get_base_layer())
@@ -88,6 +90,15 @@ class HadaLayer(nn.Module, BaseTunerLayer):
     def owns(self, name: str) -> bool:
         return name in getattr(self, self.adapter_layer_names[0])
 
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        if self.conditioning_state is not None:
+            self.conditioning_state.active = list(self.active_adapters)
+
+    def conditioning(self, name: str):
+        """The validated per-sample conditioning adapter ``name`` uses in this forward (or merge)."""
+        return self.conditioning_state.current(name)
+
     def frozen_weight(self, dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Dense (d_out, d_in) frozen weight and bias in ``dtype``."""
         base = self.get_base_layer()
@@ -124,19 +135,31 @@ class HadaLayer(nn.Module, BaseTunerLayer):
             w0, b0 = self.frozen_weight(torch.float32)
             t = self.merge_terms(name)
             w, stash = _apply_terms(w0, t.M, t.W_add)
-            b = None
+            # A shift (FiLM's β, HyperMod's β) on a layer without bias needs one: it is created, and removed on unmerge.
+            create_bias = b0 is None and t.b_add is not None and bool(t.b_add.any())
+            if create_bias:
+                b0 = torch.zeros(self.out_features, device=w0.device)
+            b = bstash = None
             if b0 is not None:
                 b, bstash = _apply_terms(b0, t.m, t.b_add)
             if safe_merge and not (torch.isfinite(w).all() and (b is None or torch.isfinite(b).all())):
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            record = {"w": stash, "b": bstash if b0 is not None else None}
+            # The terms are kept: a conditioned adapter's terms depend on the task merged, unknown at unmerge time.
+            record = {"w": stash, "b": bstash, "terms": t, "created_bias": create_bias}
             if self.base_kind in ("4bit", "8bit"):
                 # Re-quantizing is lossy: keep the original quantized weight (and 8-bit scales) for unmerge.
                 record["quantized"] = base.weight
                 if self.base_kind == "8bit":
                     record["scb"] = base.state.SCB if base.state.SCB is not None else base.weight.SCB
             frozen.write_dense_weight(base, self.base_kind, w)
-            if b is not None:
+            if create_bias:
+                warnings.warn(f"merging {name!r} added a bias to a {type(base).__name__} that had none (to hold the "
+                              "adapter's shift); the merged model computes the adapted one exactly, but its "
+                              "transformers config does not declare these biases, so save it as a state dict")
+                dtype = base.weight.dtype if base.weight.dtype.is_floating_point else \
+                    (getattr(base, "compute_dtype", None) or torch.float32)  # bitsandbytes: the compute dtype
+                base.bias = nn.Parameter(b.to(dtype), requires_grad=False)
+            elif b is not None:
                 base.bias.data = b.to(base.bias.dtype)
             self._merge_stash[name] = record
             self.merged_adapters.append(name)
@@ -151,7 +174,7 @@ class HadaLayer(nn.Module, BaseTunerLayer):
             record = self._merge_stash.pop(name, None)
             if record is None or not self.owns(name):
                 continue
-            t = self.merge_terms(name)
+            t = record["terms"]
             if "quantized" in record:
                 base.weight = record["quantized"]
                 if self.base_kind == "8bit":
@@ -159,7 +182,9 @@ class HadaLayer(nn.Module, BaseTunerLayer):
             else:
                 w, _ = self.frozen_weight(torch.float32)
                 frozen.write_dense_weight(base, self.base_kind, _undo_terms(w, t.M, t.W_add, record["w"]))
-            if base.bias is not None and record["b"] is not None:
+            if record["created_bias"]:
+                base.bias = None
+            elif base.bias is not None:
                 b = _undo_terms(base.bias.data.float(), t.m, t.b_add, record["b"])
                 base.bias.data = b.to(base.bias.dtype)
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import re
+from typing import Optional
+
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
-from .._peft_integration import _unwrap_adapter
+from .._peft_integration import _unwrap_adapter, adapter_state_keys, install_conditioned_forward, \
+    uninstall_conditioned_forward
 from ..errors import AdapterCheckpointError, TargetModuleError
 from . import frozen
+from .conditioning import STATE_ATTR, ConditioningState, merge_conditioning
 from .layer import HadaLayer
 
 
@@ -22,6 +27,16 @@ class HadaModel(BaseTuner):
         """Extra keyword arguments for ``tuner_layer_cls`` / ``update_layer`` of the module at ``key``."""
         return {}
 
+    @property
+    def conditioning_state(self) -> ConditioningState:
+        """The model's :class:`ConditioningState`, kept on the wrapped model so that ``hadapeft.conditioning`` finds
+        it from a PeftModel, this tuner, or a transformers model with natively loaded adapters alike."""
+        state = self.model.__dict__.get(STATE_ATTR)
+        if state is None:
+            state = ConditioningState()
+            setattr(self.model, STATE_ATTR, state)
+        return state
+
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **_):
         kwargs = self.layer_kwargs(config, adapter_name, current_key)
         if isinstance(target, self.tuner_layer_cls):
@@ -34,7 +49,8 @@ class HadaModel(BaseTuner):
             frozen.layer_kind(target)
         except TypeError as e:
             raise TargetModuleError(f"target module {current_key!r} is a {type(target).__name__}: {e}") from None
-        new_module = self.tuner_layer_cls(target, adapter_name, config, **kwargs)
+        new_module = self.tuner_layer_cls(target, adapter_name, config, conditioning_state=self.conditioning_state,
+                                          **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -42,6 +58,9 @@ class HadaModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """peft's injection, made all-or-nothing: on any error the model is put back as it was."""
         n_targeted = len(self.targeted_module_names)
+        spec = self.peft_config[adapter_name].conditioning_spec()
+        if spec is not None:
+            self.conditioning_state.specs[adapter_name] = spec
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception as e:
@@ -50,17 +69,64 @@ class HadaModel(BaseTuner):
             if isinstance(e, NoMatchingPeftModuleError):
                 raise TargetModuleError(str(e)) from None
             raise
+        if spec is not None:
+            # so that the HF Trainer keeps a task_ids / task_embeds column (it drops what forward does not name)
+            install_conditioned_forward(model)
 
     def _rollback(self, model: nn.Module, adapter_name: str) -> None:
         _unwrap_adapter(model, adapter_name)
+        self._forget_conditioning(adapter_name)
+
+    def _forget_conditioning(self, adapter_name: str) -> None:
+        state = self.model.__dict__.get(STATE_ATTR)
+        if state is None:
+            return
+        state.specs.pop(adapter_name, None)
+        if not state.specs:
+            uninstall_conditioned_forward(self.model)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._forget_conditioning(adapter_name)
+
+    # --- merge: a conditioned adapter merges one task -----------------------------------------------------------
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
+                      task_id: Optional[int] = None, task_embeds=None) -> None:
+        """peft's ``merge_adapter``; conditioned adapters (FiLM, HyperMod, multi-task HadaIA3) merge the task
+        ``task_id`` (or the conditioning vector ``task_embeds``) into the weights."""
+        with merge_conditioning(self, adapter_names, task_id, task_embeds):
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None, task_id: Optional[int] = None, task_embeds=None):
+        """peft's ``merge_and_unload``: a plain transformers model. For a conditioned adapter it computes what the
+        adapted model computes for task ``task_id`` (or conditioning vector ``task_embeds``)."""
+        with merge_conditioning(self, adapter_names, task_id, task_embeds):
+            return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge,
+                                            adapter_names=adapter_names)
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        uninstall_conditioned_forward(model)
+        model.__dict__.pop(STATE_ATTR, None)
+        return model
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key, adapter_name):
+        """Checkpoint key of a model key: drop the adapter name after the first ``<prefix>...`` container, wherever it
+        sits — last (``film_gamma.default``), or with a sub-module after it (``film_generator.default.0.weight``,
+        ``hypermod_hypernet.default.mlp.0.weight``), which peft's default (last or second to last) would keep."""
+        pattern = rf"((?:^|\.){re.escape(cls.prefix)}[^.]*)\.{re.escape(adapter_name)}(?=\.|$)"
+        new, n = re.subn(pattern, r"\1", key, count=1)
+        return new if n else super()._remove_adapter_name_from_key(key, adapter_name)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         """peft's key remapping, then a check that the checkpoint holds exactly this adapter's tensors with the
         shapes the model expects (peft would skip missing ones and torch would fail halfway through the others)."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        expected = {k: v for k, v in model.state_dict().items()
-                    if cls.prefix in k and k.endswith("." + adapter_name)}
+        state = model.state_dict()
+        expected = {k: state[k] for k in adapter_state_keys(model, adapter_name)}
         missing = sorted(set(expected) - set(remapped))
         unexpected = sorted(k for k in remapped if cls.prefix in k and k not in expected)
         wrong = [f"{k}: checkpoint {tuple(remapped[k].shape)} vs model {tuple(v.shape)}"

@@ -1,9 +1,10 @@
 """Default ``target_modules`` per model family (transformers ``model_type``), per adapter kind.
 
-Two kinds of defaults:
-* ``ATTENTION`` — where an additive/gated low-rank update goes (LoRA's usual q/v choice);
+Three kinds of defaults:
+* ``ATTENTION`` — where an additive/gated low-rank update goes (LoRA's usual q/v choice; also HyperMod's);
 * ``IA3`` — key, value and the MLP's down projection, with ``IA3_FEEDFORWARD`` (the down projection) scaled on its
-  input, as in the (IA)³ paper.
+  input, as in the (IA)³ paper;
+* ``BLOCK_OUTPUT`` — the output projections of the attention and MLP sub-blocks, where FiLM modulates features.
 Regex strings are used where a suffix would also match an attention module (ViT's ``output.dense``).
 """
 
@@ -56,6 +57,22 @@ IA3_FEEDFORWARD = {
     "clip_vision_model": ["fc2"],
     "siglip_vision_model": ["fc2"],
     "t5": ["wo"],
+}
+
+BLOCK_OUTPUT = {
+    **{m: ["o_proj", "down_proj"] for m in _LLAMA_LIKE},
+    "gpt2": ["attn.c_proj", "mlp.c_proj"],
+    "gpt_neox": ["attention.dense", "dense_4h_to_h"],
+    "gptj": ["out_proj", "fc_out"],
+    "opt": ["out_proj", "fc2"],
+    "bert": r".*\.output\.dense",
+    "roberta": r".*\.output\.dense",
+    "xlm-roberta": r".*\.output\.dense",
+    "distilbert": ["out_lin", "lin2"],
+    **{m: r".*\.(output\.dense|o_proj|fc2)" for m in _VIT_LIKE},
+    "clip_vision_model": ["out_proj", "fc2"],
+    "siglip_vision_model": ["out_proj", "fc2"],
+    "t5": ["o", "wo"],
 }
 
 # Fused query/key/value projections whose output is [q; k; v] in equal thirds; HadaIA3 can scale only k and v there.

@@ -5,7 +5,7 @@ from typing import Optional, Union
 
 from peft.utils import PeftType
 
-from ...core.config import HadaConfig, document_fields, help_field
+from ...core.config import NUM_TASKS_HELP, HadaConfig, document_fields, help_field
 from ...errors import HadapeftConfigError
 
 
@@ -14,7 +14,8 @@ from ...errors import HadapeftConfigError
 class HadaIA3Config(HadaConfig):
     """HadaIA3, learned (IA)³ scaling vectors: ``y = l ∘ (W0 x + b)`` for target modules and ``y = W0 (l ∘ x) + b``
     for ``feedforward_modules``; l = 1 at init. Beyond peft's IA3: merge/unmerge on bitsandbytes 8-bit and 4-bit
-    layers, defaults for ViT families, and scaling only the key/value thirds of fused qkv layers.
+    layers, defaults for ViT families, scaling only the key/value thirds of fused qkv layers, and per-task vectors
+    (``num_tasks``: one row per task, routed per sample by ``task_ids``; ``merge_and_unload(task_id=k)``).
     Liu et al. 2022, https://arxiv.org/abs/2205.05638.
     """
 
@@ -23,9 +24,12 @@ class HadaIA3Config(HadaConfig):
     fused_qkv_modules: Optional[Union[list[str], str]] = help_field(
         None, "Fused [q; k; v] projections (GPT-2 'c_attn', timm 'qkv') of which only the k and v thirds are scaled.")
 
+    num_tasks: Optional[int] = help_field(None, NUM_TASKS_HELP + " None: one vector shared by all samples.")
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = PeftType.HADA_IA3
+        self._positive("num_tasks", self.num_tasks, allow_none=True)
         if isinstance(self.feedforward_modules, list):
             self.feedforward_modules = set(self.feedforward_modules)
         if isinstance(self.fused_qkv_modules, list):
@@ -43,3 +47,10 @@ class HadaIA3Config(HadaConfig):
             if both:
                 raise HadapeftConfigError(f"{sorted(both)} cannot be both fused_qkv_modules (output scaled) and "
                                           "feedforward_modules (input scaled)")
+
+    def conditioning_spec(self):
+        if self.num_tasks is None:
+            return None
+        from ...core.conditioning import ConditioningSpec
+
+        return ConditioningSpec(str(self.peft_type.value), num_tasks=self.num_tasks)

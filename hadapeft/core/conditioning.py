@@ -1,0 +1,246 @@
+"""Per-sample task conditioning: which task (``task_ids``) or conditioning vector (``task_embeds``) each sample uses.
+
+FiLM, HyperMod and multi-task HadaIA3 read the conditioning of the current forward from here. It travels beside the
+model call, not through it (transformers models do not pass unknown kwargs down to their linear layers):
+
+* ``with hadapeft.conditioning(model, task_ids=ids):`` validates the tensors against the model's active conditioned
+  adapters and sets them for the block, in a ``ContextVar`` keyed by the model (thread- and task-local: two threads
+  running one model with different ids do not mix);
+* ``model(**batch, task_ids=ids)`` / ``model.generate(..., task_ids=ids)`` on a PeftModel do the same
+  (``hadapeft._peft_integration`` routes the kwargs here);
+* a layer asks :meth:`ConditioningState.current` for its adapter's conditioning and maps it to its input rows with
+  :meth:`Conditioning.per_row` (``generate`` expands a batch of B to B·k rows for beam search / several return
+  sequences by ``repeat_interleave``, so row r belongs to sample r // k).
+
+Gradient checkpointing recomputes the forward inside backward, after the block has exited (and, on CUDA, on
+autograd's own threads, which do not see the ContextVar). So the conditioning of the last forward run with grad
+enabled is also kept on the model's :class:`ConditioningState` and used for any layer that runs inside backward.
+Limitation: two checkpointed forwards with different conditioning before one backward (summed losses) would recompute
+the first with the second's conditioning; call backward per forward (as gradient accumulation does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..errors import ConditioningError
+
+# Attribute of the (transformers) base model that holds its ConditioningState; found through PeftModel and tuner too,
+# since both forward unknown attributes to the model they wrap.
+STATE_ATTR = "_hadapeft_conditioning"
+
+
+@dataclass(frozen=True)
+class ConditioningSpec:
+    """What one conditioned adapter takes: a table of ``num_tasks`` rows or a ``task_embed_dim``-wide vector."""
+
+    peft_type: str
+    num_tasks: Optional[int] = None
+    task_embed_dim: Optional[int] = None
+
+    def describe(self, name: str) -> str:
+        what = f"num_tasks={self.num_tasks}" if self.num_tasks else f"task_embed_dim={self.task_embed_dim}"
+        return f"adapter {name!r} ({self.peft_type}, {what})"
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """Validated conditioning of one batch: task_ids (B,) long and/or task_embeds (B, d) float."""
+
+    task_ids: Optional[torch.Tensor] = None
+    task_embeds: Optional[torch.Tensor] = None
+    # Row indices per (kind, device, rows), computed once per forward instead of once per layer (on CUDA each would
+    # be a host-to-device copy).
+    _rows: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def batch(self) -> int:
+        return (self.task_ids if self.task_ids is not None else self.task_embeds).shape[0]
+
+    def per_row(self, t: torch.Tensor, rows: int) -> torch.Tensor:
+        """Expand a per-sample tensor (B, ...) to the ``rows`` input rows of a layer (B, or B·k after generate's
+        beam / num_return_sequences expansion, which is ``repeat_interleave``)."""
+        B = self.batch
+        if rows == B:
+            return t
+        if rows < B or rows % B:
+            raise ConditioningError(f"the conditioning has {B} samples but an adapted layer received {rows}: "
+                                    f"task_ids / task_embeds need one entry per sample of the batch")
+        return t.repeat_interleave(rows // B, dim=0)
+
+    def task_rows(self, rows: int, device) -> torch.Tensor:
+        """(rows,) table index: the task of each input row."""
+        key = ("task", device, rows)
+        if key not in self._rows:
+            self._rows[key] = self.per_row(self.task_ids.to(device), rows)
+        return self._rows[key]
+
+    def sample_rows(self, rows: int, device) -> torch.Tensor:
+        """(rows,) index into per-sample tables (B, ...): the sample of each input row."""
+        key = ("sample", device, rows)
+        if key not in self._rows:
+            self._rows[key] = self.per_row(torch.arange(self.batch, device=device), rows)
+        return self._rows[key]
+
+
+_CURRENT: ContextVar[tuple] = ContextVar("hadapeft_conditioning", default=())  # ((state, Conditioning), ...)
+
+
+class ConditioningState:
+    """Per adapted model: its conditioned adapters, which adapters are active, and the conditioning kept for
+    recomputation inside backward. Layers and tuner hold a reference; it is a plain object (not a module)."""
+
+    def __init__(self) -> None:
+        self.specs: dict[str, ConditioningSpec] = {}
+        self.active: list[str] = []
+        self.last: Optional[Conditioning] = None  # of the last forward entered with grad enabled
+
+    def needed(self, adapters: Optional[list[str]] = None) -> dict[str, ConditioningSpec]:
+        names = self.active if adapters is None else adapters
+        return {n: self.specs[n] for n in names if n in self.specs}
+
+    def current(self, name: str) -> Conditioning:
+        """The conditioning adapter ``name`` must use now (raises when there is none or it lacks what it needs)."""
+        in_backward = torch._C._current_graph_task_id() != -1  # a gradient-checkpointing recompute
+        cond = self.last if in_backward else next((c for s, c in _CURRENT.get() if s is self), None)
+        spec = self.specs[name]
+        arg, shape = ("task_ids", "LongTensor[batch]") if spec.num_tasks else \
+            ("task_embeds", f"FloatTensor[batch, {spec.task_embed_dim}]")
+        if cond is None or getattr(cond, arg) is None:
+            when = " (recomputed in backward: no conditioned forward ran with grad enabled)" if in_backward else ""
+            raise ConditioningError(f"{spec.describe(name)} is conditioned per sample but no {arg} were given{when}: "
+                                    f"pass {arg}={shape} to forward / generate, or run the model inside "
+                                    f"`with hadapeft.conditioning(model, {arg}=...)`")
+        return cond
+
+
+def find_state(model) -> ConditioningState:
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ConditioningError(f"{type(model).__name__} holds no hadapeft adapter to condition")
+    return state
+
+
+def _check_ids(task_ids, needed) -> torch.Tensor:
+    if not isinstance(task_ids, torch.Tensor):
+        raise ConditioningError(f"task_ids must be a LongTensor of shape (batch,), got {type(task_ids).__name__}")
+    if task_ids.dtype.is_floating_point or task_ids.dtype.is_complex or task_ids.dtype == torch.bool:
+        raise ConditioningError(f"task_ids must be an integer (long) tensor, got dtype {task_ids.dtype}")
+    if task_ids.dim() != 1:
+        raise ConditioningError(f"task_ids must be 1-D (one task per sample), got shape {tuple(task_ids.shape)}")
+    task_ids = task_ids.long()
+    if task_ids.numel():
+        lo, hi = task_ids.min().item(), task_ids.max().item()
+        for name, spec in needed.items():
+            if spec.num_tasks and (lo < 0 or hi >= spec.num_tasks):
+                raise ConditioningError(f"task_ids out of range for {spec.describe(name)}: got values in "
+                                        f"[{lo}, {hi}], expected [0, {spec.num_tasks - 1}]")
+    return task_ids
+
+
+def _check_embeds(task_embeds, needed) -> torch.Tensor:
+    if not isinstance(task_embeds, torch.Tensor) or not task_embeds.dtype.is_floating_point:
+        what = task_embeds.dtype if isinstance(task_embeds, torch.Tensor) else type(task_embeds).__name__
+        raise ConditioningError(f"task_embeds must be a float tensor of shape (batch, task_embed_dim), got {what}")
+    for name, spec in needed.items():
+        if spec.task_embed_dim and (task_embeds.dim() != 2 or task_embeds.shape[1] != spec.task_embed_dim):
+            raise ConditioningError(f"task_embeds must have shape (batch, {spec.task_embed_dim}) for "
+                                    f"{spec.describe(name)}, got {tuple(task_embeds.shape)}")
+    return task_embeds
+
+
+def validate(state: ConditioningState, task_ids=None, task_embeds=None, adapters=None) -> Conditioning:
+    """Check ``task_ids`` / ``task_embeds`` against the conditioned adapters among ``adapters`` (default: active)."""
+    needed = state.needed(adapters)
+    if not needed:
+        names = state.active if adapters is None else adapters
+        raise ConditioningError(f"task_ids / task_embeds were given but no adapter among {list(names)} is "
+                                f"task-conditioned (set num_tasks or task_embed_dim in its config)")
+    takes_ids = {n: s for n, s in needed.items() if s.num_tasks}
+    takes_embeds = {n: s for n, s in needed.items() if s.task_embed_dim}
+    for value, arg, takers, other in ((task_ids, "task_ids", takes_ids, takes_embeds),
+                                      (task_embeds, "task_embeds", takes_embeds, takes_ids)):
+        if value is None and takers:
+            n, s = next(iter(takers.items()))
+            raise ConditioningError(f"{s.describe(n)} needs {arg}, which were not given")
+        if value is not None and not takers:
+            n, s = next(iter(other.items()))
+            both = "both task_ids and task_embeds were given, but" if task_ids is not None and \
+                task_embeds is not None else f"{arg} were given, but"
+            raise ConditioningError(f"{both} {s.describe(n)} takes only "
+                                    f"{'task_ids' if s.num_tasks else 'task_embeds'}")
+    if task_ids is not None:
+        task_ids = _check_ids(task_ids, takes_ids)
+    if task_embeds is not None:
+        task_embeds = _check_embeds(task_embeds, takes_embeds)
+    if task_ids is not None and task_embeds is not None and task_ids.shape[0] != task_embeds.shape[0]:
+        raise ConditioningError(f"task_ids has {task_ids.shape[0]} entries but task_embeds has "
+                                f"{task_embeds.shape[0]} rows; both need one per sample")
+    return Conditioning(task_ids, task_embeds)
+
+
+def check_batch(cond: Conditioning, batch: Optional[int]) -> None:
+    """Refuse conditioning whose batch differs from the model input's (``batch`` None: not known)."""
+    if batch is not None and batch != cond.batch:
+        arg = "task_ids" if cond.task_ids is not None else "task_embeds"
+        raise ConditioningError(f"{arg} has {cond.batch} entries but the batch has {batch} samples")
+
+
+@contextlib.contextmanager
+def conditioning(model, task_ids=None, task_embeds=None, *, adapters=None, batch=None):
+    """Run ``model`` (a PeftModel, its tuner, or a transformers model with hadapeft adapters) with per-sample
+    ``task_ids`` (LongTensor[B]) and/or ``task_embeds`` (FloatTensor[B, task_embed_dim]) for its conditioned adapters.
+
+    Raises :class:`hadapeft.ConditioningError` naming the problem when the tensors do not fit the active adapters.
+    """
+    state = find_state(model)
+    cond = validate(state, task_ids, task_embeds, adapters)
+    check_batch(cond, batch)
+    if torch.is_grad_enabled():
+        state.last = cond  # for gradient-checkpointing recomputation in backward (module docstring)
+    token = _CURRENT.set(tuple((s, c) for s, c in _CURRENT.get() if s is not state) + ((state, cond),))
+    try:
+        yield cond
+    finally:
+        _CURRENT.reset(token)
+
+
+def per_row_table(table: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Rows ``table[index]`` shaped to broadcast over ``x`` (rows, ..., d): (rows, 1, ..., 1, d)."""
+    rows = table.index_select(0, index)
+    return rows.view(rows.shape[0], *([1] * (x.dim() - 2)), rows.shape[-1])
+
+
+@contextlib.contextmanager
+def merge_conditioning(tuner, adapter_names, task_id=None, task_embeds=None):
+    """Around a merge: conditioned adapters among ``adapter_names`` (default: active) fold the one task ``task_id``
+    (or conditioning vector ``task_embeds``, shape (d,) or (1, d)) into the weights; they cannot merge without one."""
+    state = getattr(tuner, STATE_ATTR, None)
+    adapters = tuner.active_adapters if adapter_names is None else list(adapter_names)
+    needed = state.needed(adapters) if state is not None else {}
+    if task_id is None and task_embeds is None:
+        if needed:
+            name, spec = next(iter(needed.items()))
+            arg = "task_id=<int>" if spec.num_tasks else "task_embeds=<tensor of width task_embed_dim>"
+            raise ConditioningError(f"{spec.describe(name)} is conditioned per sample, so a merge folds in one task: "
+                                    f"pass {arg}")
+        yield
+        return
+    if state is None:
+        raise ConditioningError("task_id / task_embeds were given but the model holds no conditioned adapter")
+    ids = None
+    if task_id is not None:
+        if isinstance(task_id, torch.Tensor):
+            ids = task_id.reshape(1)
+        elif isinstance(task_id, bool) or not isinstance(task_id, int):
+            raise ConditioningError(f"task_id must be an int, got {type(task_id).__name__}")
+        else:
+            ids = torch.tensor([task_id])
+    embeds = None if task_embeds is None else torch.as_tensor(task_embeds).reshape(1, -1)
+    with torch.no_grad(), conditioning(tuner, ids, embeds, adapters=adapters):
+        yield

@@ -1,0 +1,5 @@
+from .config import FiLMConfig
+from .layer import FiLMLinear
+from .model import FiLMModel
+
+__all__ = ["FiLMConfig", "FiLMLinear", "FiLMModel"]
