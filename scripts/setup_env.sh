@@ -9,5 +9,7 @@ if [[ "${1:-}" == "--fresh" ]]; then rm -rf .venv; fi
 if [[ ! -x .venv/bin/python ]]; then "$PY" -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev]"
+# A regular (not editable) install: it also puts hadapeft_peft_hint.pth into site-packages, which an editable install
+# skips. Tests and scripts run from the checkout still import the checkout's hadapeft (the current folder comes first).
+.venv/bin/python -m pip install -q ".[dev]"
 .venv/bin/python -c "import torch, peft, transformers, hadapeft; print(f'hadapeft {hadapeft.__version__}: torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}')"

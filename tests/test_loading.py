@@ -83,10 +83,31 @@ def test_fresh_process_reproduces_logits(tmp_path):
 
 
 def test_loading_without_import_names_hadapeft(tmp_path):
+    """adapter_config.json records hadapeft's version; a process that did not `import hadapeft` gets an error saying
+    it should (from the hadapeft_peft_hint.pth hook a regular install puts into site-packages)."""
+    import importlib.util
+    import site
+
     model = get_peft_model(build_model("llama"), make_config("gated_vector", "llama"))
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "GATED_LORA" and cfg["hadapeft_version"] == hadapeft.__version__
+    if not any(os.path.exists(os.path.join(d, "hadapeft_peft_hint.pth")) for d in site.getsitepackages()):
+        pytest.skip("hadapeft is not installed here (scripts/setup_env.sh installs it with the hint hook)")
+    assert importlib.util.find_spec("_hadapeft_peft_hint") is not None
+    out = _run_fresh(f"""
+        import sys
+        from peft import PeftModel, PeftConfig
+        from conftest import build_model
+        for load in (lambda: PeftModel.from_pretrained(build_model("llama"), {str(tmp_path)!r}),
+                     lambda: PeftConfig.from_pretrained({str(tmp_path)!r})):
+            try:
+                load()
+            except ValueError as e:
+                print("ERROR:", e)
+        assert "hadapeft" not in sys.modules
+    """)
+    assert out.count("ERROR: this adapter is a hadapeft GATED_LORA adapter: run `import hadapeft`") == 2
 
 
 # --- bad checkpoints: a clear error, and the model as it was --------------------------------------------------------

@@ -1,0 +1,78 @@
+"""Loaded at interpreter start by ``hadapeft_peft_hint.pth`` (installed with hadapeft).
+
+peft only knows hadapeft's adapter types after ``import hadapeft``; without it, loading such an adapter failed with
+a bare ``KeyError: 'GATED_LORA'``. This hook waits for ``peft.config`` to be imported (it imports nothing itself) and
+wraps the two places where peft reads an adapter's type, so that the error says what to do. It never changes a
+successful load, and any failure inside the hook leaves peft untouched.
+"""
+
+import sys
+
+HADAPEFT_TYPES = ("GATED_LORA", "HADA_IA3", "FILM", "HYPERMOD")
+
+
+def _check(peft_type):
+    name = str(getattr(peft_type, "value", peft_type))
+    if name in HADAPEFT_TYPES and "hadapeft" not in sys.modules:
+        raise ValueError(f"this adapter is a hadapeft {name} adapter: run `import hadapeft` before loading it "
+                         "(pip install hadapeft); peft does not know the type otherwise")
+
+
+def _patch(module):
+    cls = module.PeftConfigMixin
+    get_type, from_type = cls._get_peft_type.__func__, cls.from_peft_type.__func__
+
+    def _get_peft_type(klass, *args, **kwargs):
+        peft_type = get_type(klass, *args, **kwargs)
+        _check(peft_type)
+        return peft_type
+
+    def from_peft_type(klass, **kwargs):
+        _check(kwargs.get("peft_type"))
+        return from_type(klass, **kwargs)
+
+    cls._get_peft_type = classmethod(_get_peft_type)
+    cls.from_peft_type = classmethod(from_peft_type)
+
+
+class _Finder:
+    """Meta-path finder that patches ``peft.config`` right after it has executed, then removes itself."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "peft.config":
+            return None
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            try:
+                _patch(module)
+            except Exception:  # a hint must never break peft
+                pass
+            finally:
+                _remove()
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+def _remove():
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _Finder)]
+
+
+def install():
+    if "peft.config" in sys.modules:
+        _patch(sys.modules["peft.config"])
+    elif not any(isinstance(f, _Finder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _Finder())
+
+
+try:
+    install()
+except Exception:
+    pass
