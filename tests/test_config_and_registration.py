@@ -101,7 +101,7 @@ def test_invalid_config_values(cls, kwargs, message):
     (hadapeft.GatedLoraConfig(target_modules=["q_proj", "input_layernorm"]), hadapeft.TargetModuleError,
      r"is a LlamaRMSNorm"),
     (hadapeft.HadaIA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"],
-                            fused_qkv_modules=["q_proj"]), ValueError, "not divisible into q, k, v thirds"),
+                            fused_qkv_modules=["q_proj"]), hadapeft.TargetModuleError, "not divisible into q, k, v thirds"),
 ])
 def test_bad_targets_leave_model_unchanged(cfg, error, message):
     model = build_model("llama")

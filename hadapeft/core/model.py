@@ -49,8 +49,11 @@ class HadaModel(BaseTuner):
             frozen.layer_kind(target)
         except TypeError as e:
             raise TargetModuleError(f"target module {current_key!r} is a {type(target).__name__}: {e}") from None
-        new_module = self.tuner_layer_cls(target, adapter_name, config, conditioning_state=self.conditioning_state,
-                                          **kwargs)
+        try:
+            new_module = self.tuner_layer_cls(target, adapter_name, config,
+                                              conditioning_state=self.conditioning_state, **kwargs)
+        except TargetModuleError as e:  # the layer does not know its name: add it
+            raise TargetModuleError(f"target module {current_key!r}: {e}") from None
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -131,7 +134,12 @@ class HadaModel(BaseTuner):
         unexpected = sorted(k for k in remapped if cls.prefix in k and k not in expected)
         wrong = [f"{k}: checkpoint {tuple(remapped[k].shape)} vs model {tuple(v.shape)}"
                  for k, v in expected.items() if k in remapped and remapped[k].shape != v.shape]
+        bad_dtype = [f"{k}: checkpoint dtype {remapped[k].dtype} where the model holds {v.dtype}"
+                     for k, v in expected.items() if k in remapped and v.is_floating_point()
+                     and not remapped[k].is_floating_point()]
         problems = []
+        if bad_dtype:
+            problems.append(f"{len(bad_dtype)} tensors are not floating point, e.g. {bad_dtype[0]}")
         if wrong:
             problems.append(f"{len(wrong)} tensors have shapes that do not fit this base model, e.g. {wrong[0]}")
         if missing:

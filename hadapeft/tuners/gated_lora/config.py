@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from peft.utils import PeftType
 
 from ...core.config import HadaConfig, document_fields, help_field
 from ...errors import HadapeftConfigError
+
+
+def _is_number(value) -> bool:
+    """A real number (int or float, not bool); strings such as "0.1" from a hand-edited config are refused."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @document_fields
@@ -30,13 +36,13 @@ class GatedLoraConfig(HadaConfig):
         super().__post_init__()
         self.peft_type = PeftType.GATED_LORA
         self._positive("r", self.r)
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
-            raise HadapeftConfigError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if not (0.0 <= self.lora_dropout < 1.0):
+        if not _is_number(self.lora_alpha) or not (0 < self.lora_alpha < math.inf):
+            raise HadapeftConfigError(f"lora_alpha must be a positive number (finite), got {self.lora_alpha!r}")
+        if not _is_number(self.lora_dropout) or not (0.0 <= self.lora_dropout < 1.0):
             raise HadapeftConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.gate not in ("vector", "scalar"):
             raise HadapeftConfigError(f"gate must be 'vector' or 'scalar', got {self.gate!r}")
-        if not (0.0 <= self.gate_init <= 1.0):
+        if not _is_number(self.gate_init) or not (0.0 <= self.gate_init <= 1.0):
             raise HadapeftConfigError(f"gate_init must be in [0, 1], got {self.gate_init!r}")
         if self.init_weights and self.gate_init != 1.0:
             raise HadapeftConfigError(

@@ -5,6 +5,7 @@ from torch import nn
 
 from ...core.conditioning import per_row_table
 from ...core.layer import HadaLayer, MergeTerms
+from ...errors import TargetModuleError
 from ...ops import modulated_linear
 
 
@@ -25,7 +26,8 @@ class HadaIA3Linear(HadaLayer):
 
     def create_adapter(self, name, config, is_feedforward=None, fused_qkv=None, **kwargs):
         if self.fused_qkv and self.out_features % 3:
-            raise ValueError(f"fused qkv layer has {self.out_features} outputs, not divisible into q, k, v thirds")
+            raise TargetModuleError(f"fused qkv layer {type(self.get_base_layer()).__name__} has {self.out_features} "
+                                    "outputs, not divisible into q, k, v thirds")
         n = self.in_features if self.is_feedforward else self.out_features
         if self.fused_qkv:
             n = n // 3 * 2  # only the k and v thirds are scaled

@@ -1,0 +1,411 @@
+"""One matrix of bad inputs (issue "Reliability and safety", acceptance 1): config fields of every adapter type,
+targets, checkpoints and per-sample conditioning. Each case asserts the hadapeft exception type, a regex on the
+message naming the field / file / shape, and that the model is exactly as it was (state_dict keys and values,
+module types, no peft_config left behind)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+import torch
+import transformers as tf
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+import hadapeft
+from hadapeft.core.layer import HadaLayer
+from conftest import build_model, make_inputs
+from test_contract import make_config, peft_model
+
+EMB = 6
+# Conditioned option sets (as in test_conditioned.COND_OPTIONS; repeated here so this file stands on its own).
+COND = {
+    "film_tasks": (hadapeft.FiLMConfig, dict(num_tasks=3)),
+    "film_embeds": (hadapeft.FiLMConfig, dict(task_embed_dim=EMB)),
+    "hypermod_tasks": (hadapeft.HyperModConfig, dict(num_tasks=3, rank=2)),
+    "hypermod_embeds": (hadapeft.HyperModConfig, dict(task_embed_dim=EMB)),
+    "ia3_tasks": (hadapeft.HadaIA3Config, dict(num_tasks=3)),
+    "gated": (hadapeft.GatedLoraConfig, dict(r=2)),
+    "ia3": (hadapeft.HadaIA3Config, dict()),
+}
+
+G, I, F, H = hadapeft.GatedLoraConfig, hadapeft.HadaIA3Config, hadapeft.FiLMConfig, hadapeft.HyperModConfig
+CfgErr, TgtErr = hadapeft.HadapeftConfigError, hadapeft.TargetModuleError
+CkptErr, CondErr = hadapeft.AdapterCheckpointError, hadapeft.ConditioningError
+
+
+@dataclass
+class Bad:
+    id: str
+    kind: str  # "config" | "target" | "checkpoint" | "cond"
+    arg: Any
+    error: type
+    message: str
+    extra: dict = field(default_factory=dict)
+    marks: tuple = ()
+
+
+def xfail(reason):
+    return (pytest.mark.xfail(strict=True, reason=reason),)
+
+
+# --- checkpoint mutations: each takes the saved adapter folder and breaks it ------------------------------------------
+def _weights(d):
+    return d / "adapter_model.safetensors"
+
+
+def _edit_tensors(fn):
+    def mutate(d):
+        t = load_file(_weights(d))
+        fn(t)
+        save_file(t, _weights(d))
+    return mutate
+
+
+def _edit_config(fn):
+    def mutate(d):
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        fn(cfg)
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+    return mutate
+
+
+def _drop_first(t):
+    del t[sorted(t)[0]]
+
+
+def _add_extra(t):
+    k = sorted(t)[0]
+    t[k.replace("layers.0.", "layers.7.")] = t[k].clone()
+
+
+def _add_extra_same_layer(t):
+    k = next(k for k in sorted(t) if "q_proj" in k)
+    t[k.replace("q_proj", "o_proj")] = t[k].clone()
+
+
+def _to_int(t):
+    for k in t:
+        t[k] = t[k].round().to(torch.int64)
+
+
+def _transpose_one(t):
+    k = next(k for k in sorted(t) if t[k].dim() == 2 and t[k].shape[0] != t[k].shape[1])
+    t[k] = t[k].t().contiguous()
+
+
+def _lora_names(t):
+    for k in list(t):
+        t[k.replace("gated_lora_", "lora_")] = t.pop(k)
+
+
+def _set(key, value):
+    return _edit_config(lambda c: c.__setitem__(key, value))
+
+
+def _truncate(d):
+    _weights(d).write_bytes(_weights(d).read_bytes()[:100])
+
+
+def _garbage(d):
+    _weights(d).write_bytes(b"\x00" * 7)
+
+
+def _empty_weights(d):
+    save_file({}, _weights(d))
+
+
+def _wider_base():
+    return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=48,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+
+
+def _fewer_layers():
+    return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48,
+                                              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+
+
+OTHER_TYPE_XFAIL = xfail("PeftModel.load_adapter of a HADA_IA3 checkpoint into a model holding a GATED_LORA adapter "
+                         "fails in peft's add_adapter with a plain ValueError ('Cannot combine adapters with different "
+                         "peft types'); the load guard in hadapeft/_peft_integration.py only converts errors raised "
+                         "after injection (outside the files this suite may edit)")
+
+CASES = [
+    # (a) config fields --------------------------------------------------------------------------------------------
+    Bad("gated-r0", "config", (G, dict(r=0)), CfgErr, r"^r must be a positive integer, got 0"),
+    Bad("gated-r-neg", "config", (G, dict(r=-3)), CfgErr, r"^r must be a positive integer, got -3"),
+    Bad("gated-r-float", "config", (G, dict(r=2.5)), CfgErr, r"^r must be a positive integer, got 2.5"),
+    Bad("gated-r-str", "config", (G, dict(r="4")), CfgErr, r"^r must be a positive integer, got '4'"),
+    Bad("gated-r-bool", "config", (G, dict(r=True)), CfgErr, r"^r must be a positive integer, got True"),
+    Bad("gated-alpha0", "config", (G, dict(lora_alpha=0)), CfgErr, r"lora_alpha must be a positive number \(finite\), got 0"),
+    Bad("gated-alpha-nan", "config", (G, dict(lora_alpha=float("nan"))), CfgErr, r"lora_alpha must be a positive number \(finite\), got nan"),
+    Bad("gated-alpha-inf", "config", (G, dict(lora_alpha=float("inf"))), CfgErr, r"lora_alpha must be a positive number \(finite\), got inf"),
+    Bad("gated-dropout1", "config", (G, dict(lora_dropout=1.0)), CfgErr, r"lora_dropout must be in \[0, 1\), got 1.0"),
+    Bad("gated-dropout-neg", "config", (G, dict(lora_dropout=-0.1)), CfgErr, r"lora_dropout must be in \[0, 1\)"),
+    Bad("gated-dropout-str", "config", (G, dict(lora_dropout="0.1")), CfgErr, r"lora_dropout must be .*'0.1'"),
+    Bad("gated-gate", "config", (G, dict(gate="matrix")), CfgErr, r"gate must be 'vector' or 'scalar', got 'matrix'"),
+    Bad("gated-gate-init-high", "config", (G, dict(gate_init=1.5, init_weights=False)), CfgErr,
+        r"gate_init must be in \[0, 1\], got 1.5"),
+    Bad("gated-gate-init-neg", "config", (G, dict(gate_init=-0.01, init_weights=False)), CfgErr,
+        r"gate_init must be in \[0, 1\], got -0.01"),
+    Bad("gated-gate-init-nan", "config", (G, dict(gate_init=float("nan"), init_weights=False)), CfgErr,
+        r"gate_init must be in \[0, 1\], got nan"),
+    Bad("gated-gate-init-str", "config", (G, dict(gate_init="0.5", init_weights=False)), CfgErr,
+        r"gate_init must be .*'0.5'"),
+    Bad("gated-gate-init-vs-init-weights", "config", (G, dict(gate_init=0.5)), CfgErr,
+        r"gate_init=0.5 with init_weights=True would not start at the base model"),
+    Bad("gated-backend", "config", (G, dict(backend="cuda")), CfgErr, r"backend='cuda' is not one of"),
+    Bad("gated-layers-neg", "config", (G, dict(layers_to_transform=[-1])), CfgErr,
+        r"layers_to_transform must be non-negative"),
+    Bad("gated-layers-pattern-alone", "config", (G, dict(layers_pattern="layers")), CfgErr,
+        r"layers_pattern is only used together with layers_to_transform"),
+    Bad("gated-target-parameters", "config", (G, dict(target_parameters=["w"])), CfgErr,
+        r"target_parameters is not supported"),
+    Bad("gated-newer-version", "config", (G, dict(hadapeft_version="99.0.0")), CfgErr,
+        r"written by hadapeft 99.0.0, newer than the installed"),
+    Bad("gated-newer-minor", "config", (G, dict(hadapeft_version="0.99.0")), CfgErr,
+        r"written by hadapeft 0.99.0, newer than the installed"),
+    Bad("gated-bad-version", "config", (G, dict(hadapeft_version="banana")), CfgErr,
+        r"hadapeft_version='banana' is not a version"),
+    Bad("ia3-num-tasks0", "config", (I, dict(num_tasks=0)), CfgErr, r"num_tasks must be a positive integer, got 0"),
+    Bad("ia3-num-tasks-float", "config", (I, dict(num_tasks=2.0)), CfgErr, r"num_tasks must be a positive integer"),
+    Bad("ia3-ff-not-target", "config", (I, dict(target_modules=["k_proj"], feedforward_modules=["down_proj"])), CfgErr,
+        r"feedforward_modules \['down_proj'\] are not in target_modules"),
+    Bad("ia3-fused-and-ff", "config", (I, dict(target_modules=["c_attn"], feedforward_modules=["c_attn"],
+                                               fused_qkv_modules=["c_attn"])), CfgErr,
+        r"\['c_attn'\] cannot be both fused_qkv_modules .* and feedforward_modules"),
+    Bad("ia3-backend", "config", (I, dict(backend="numpy")), CfgErr, r"backend='numpy' is not one of"),
+    Bad("film-neither", "config", (F, dict()), CfgErr, r"FiLMConfig needs exactly one of num_tasks .* and task_embed"),
+    Bad("film-both", "config", (F, dict(num_tasks=2, task_embed_dim=4)), CfgErr,
+        r"needs exactly one of .* got num_tasks=2, task_embed_dim=4"),
+    Bad("film-num-tasks0", "config", (F, dict(num_tasks=0)), CfgErr, r"num_tasks must be a positive integer, got 0"),
+    Bad("film-num-tasks-str", "config", (F, dict(num_tasks="3")), CfgErr, r"num_tasks must be a positive integer"),
+    Bad("film-embed-dim0", "config", (F, dict(task_embed_dim=0)), CfgErr, r"task_embed_dim must be a positive integer"),
+    Bad("film-embed-dim-neg", "config", (F, dict(task_embed_dim=-4)), CfgErr,
+        r"task_embed_dim must be a positive integer, got -4"),
+    Bad("film-generator-hidden0", "config", (F, dict(task_embed_dim=4, generator_hidden=0)), CfgErr,
+        r"generator_hidden must be a positive integer, got 0"),
+    Bad("film-generator-hidden-float", "config", (F, dict(task_embed_dim=4, generator_hidden=8.5)), CfgErr,
+        r"generator_hidden must be a positive integer, got 8.5"),
+    Bad("hypermod-neither", "config", (H, dict()), CfgErr, r"HyperModConfig needs exactly one of num_tasks"),
+    Bad("hypermod-both", "config", (H, dict(num_tasks=3, task_embed_dim=4)), CfgErr, r"needs exactly one of"),
+    Bad("hypermod-rank0", "config", (H, dict(num_tasks=2, rank=0)), CfgErr, r"rank must be a positive integer, got 0"),
+    Bad("hypermod-rank-neg", "config", (H, dict(num_tasks=2, rank=-1)), CfgErr, r"rank must be a positive integer"),
+    Bad("hypermod-rank-float", "config", (H, dict(num_tasks=2, rank=1.5)), CfgErr, r"rank must be a positive integer"),
+    Bad("hypermod-embed-dim0", "config", (H, dict(num_tasks=2, embed_dim=0)), CfgErr,
+        r"embed_dim must be a positive integer, got 0"),
+    Bad("hypermod-hidden-dim0", "config", (H, dict(num_tasks=2, hidden_dim=0)), CfgErr,
+        r"hidden_dim must be a positive integer, got 0"),
+    Bad("hypermod-task-embed-dim0", "config", (H, dict(task_embed_dim=0)), CfgErr,
+        r"task_embed_dim must be a positive integer"),
+    Bad("hypermod-num-tasks-neg", "config", (H, dict(num_tasks=-2)), CfgErr, r"num_tasks must be a positive integer"),
+    # (b) targets ----------------------------------------------------------------------------------------------------
+    Bad("target-nothing", "target", (G, dict(target_modules=["nonexistent_proj"]), "llama"), TgtErr,
+        r"Target modules \{'nonexistent_proj'\} not found"),
+    Bad("target-regex-nothing", "target", (I, dict(target_modules=r".*\.nope_proj"), "llama"), TgtErr, r"nope_proj"),
+    Bad("target-layer-out-of-range", "target", (G, dict(target_modules=["q_proj"], layers_to_transform=[9]), "llama"),
+        TgtErr, r"q_proj"),
+    Bad("target-embedding", "target", (G, dict(target_modules=["embed_tokens"]), "llama"), TgtErr,
+        r"'model.embed_tokens' is a Embedding"),
+    Bad("target-gpt2-embedding", "target", (F, dict(num_tasks=2, target_modules=["wte"]), "gpt2"), TgtErr,
+        r"'transformer.wte' is a Embedding"),
+    Bad("target-layernorm", "target", (G, dict(target_modules=["q_proj", "input_layernorm"]), "llama"), TgtErr,
+        r"input_layernorm' is a LlamaRMSNorm"),
+    Bad("target-hypermod-layernorm", "target", (H, dict(num_tasks=2, target_modules=["ln_f"]), "gpt2"), TgtErr,
+        r"'transformer.ln_f' is a LayerNorm"),
+    Bad("target-fused-qkv-not-div3", "target",
+        (I, dict(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"],
+                 fused_qkv_modules=["q_proj"]), "llama"), TgtErr, r"q_proj.*not divisible into q, k, v thirds",
+        ),
+    # (c) checkpoints --------------------------------------------------------------------------------------------------
+    Bad("ckpt-missing-weights", "checkpoint", (lambda d: _weights(d).unlink(), None), CkptErr,
+        r"adapter/? has an adapter_config.json but no adapter_model.safetensors"),
+    Bad("ckpt-truncated", "checkpoint", (_truncate, None), CkptErr,
+        r"cannot load adapter '(default|second)' from .*adapter: Error while deserializing header"),
+    Bad("ckpt-garbage", "checkpoint", (_garbage, None), CkptErr,
+        r"cannot load adapter '(default|second)' from .*adapter: Error while deserializing header"),
+    Bad("ckpt-empty-weights", "checkpoint", (_empty_weights, None), CkptErr, r"missing from the checkpoint"),
+    Bad("ckpt-corrupt-json", "checkpoint", (lambda d: (d / "adapter_config.json").write_text("{\"peft_type\": "), None),
+        CkptErr, r"adapter_config.json is not valid JSON"),
+    Bad("ckpt-wider-base", "checkpoint", (lambda d: None, _wider_base), CkptErr,
+        r"shapes that do not fit this base model.*\(4, 32\) vs model \(4, 48\)"),
+    Bad("ckpt-fewer-layers", "checkpoint", (lambda d: None, _fewer_layers), CkptErr,
+        r"match no adapted module, e.g. .*layers\.1\."),
+    Bad("ckpt-transposed-tensor", "checkpoint", (_edit_tensors(_transpose_one), None), CkptErr,
+        r"shapes that do not fit this base model"),
+    Bad("ckpt-missing-tensor", "checkpoint", (_edit_tensors(_drop_first), None), CkptErr,
+        r"1 adapter tensors are missing from the checkpoint, e.g. .*gated_lora_"),
+    Bad("ckpt-extra-tensor-other-layer", "checkpoint", (_edit_tensors(_add_extra), None), CkptErr,
+        r"checkpoint tensors match no adapted module, e.g. .*layers\.7\."),
+    Bad("ckpt-extra-tensor-unadapted-module", "checkpoint", (_edit_tensors(_add_extra_same_layer), None), CkptErr,
+        r"checkpoint tensors match no adapted module, e.g. .*o_proj"),
+    Bad("ckpt-lora-tensor-names", "checkpoint", (_edit_tensors(_lora_names), None), CkptErr,
+        r"adapter tensors are missing from the checkpoint, e.g. .*gated_lora_"),
+    Bad("ckpt-int-tensors", "checkpoint", (_edit_tensors(_to_int), None), CkptErr, r"dtype.*int64",
+        ),
+    Bad("ckpt-newer-version", "checkpoint", (_set("hadapeft_version", "7.0.0"), None), CfgErr,
+        r"written by hadapeft 7.0.0, newer than the installed"),
+    Bad("ckpt-config-r0", "checkpoint", (_set("r", 0), None), CfgErr, r"^r must be a positive integer, got 0"),
+    Bad("ckpt-config-r-mismatch", "checkpoint", (_set("r", 3), None), CkptErr,
+        r"shapes that do not fit.*checkpoint \(4, 32\) vs model \(3, 32\)"),
+    Bad("ckpt-config-other-hadapeft-type", "checkpoint", (_set("peft_type", "HADA_IA3"), None), CkptErr,
+        r"missing from the checkpoint, e.g. .*hada_ia3_", extra={"holder": False}),
+    Bad("ckpt-other-type-into-existing-adapter", "checkpoint", (_set("peft_type", "HADA_IA3"), None), CkptErr,
+        r"HADA_IA3", extra={"only_holder": True}, marks=OTHER_TYPE_XFAIL),
+    Bad("ckpt-config-unknown-backend", "checkpoint", (_set("backend", "cuda"), None), CfgErr,
+        r"backend='cuda' is not one of"),
+    # (d) conditioning -------------------------------------------------------------------------------------------------
+    Bad("cond-missing-ids", "cond", ("film_tasks", {}), CondErr, r"no task_ids were given: pass task_ids="),
+    Bad("cond-missing-embeds", "cond", ("hypermod_embeds", {}), CondErr, r"no task_embeds were given"),
+    Bad("cond-ids-out-of-range", "cond", ("film_tasks", {"task_ids": torch.tensor([0, 3])}), CondErr,
+        r"task_ids out of range .* got values in \[0, 3\], expected \[0, 2\]"),
+    Bad("cond-ids-out-of-range-hypermod", "cond", ("hypermod_tasks", {"task_ids": torch.tensor([5, 1])}), CondErr,
+        r"task_ids out of range for adapter 'default' \(HYPERMOD, num_tasks=3\)"),
+    Bad("cond-ids-out-of-range-ia3", "cond", ("ia3_tasks", {"task_ids": torch.tensor([1, 3])}), CondErr,
+        r"task_ids out of range for adapter 'default' \(HADA_IA3"),
+    Bad("cond-ids-negative", "cond", ("film_tasks", {"task_ids": torch.tensor([-1, 0])}), CondErr,
+        r"task_ids out of range .* \[-1, 0\]"),
+    Bad("cond-ids-float", "cond", ("film_tasks", {"task_ids": torch.tensor([0.0, 1.0])}), CondErr,
+        r"task_ids must be an integer \(long\) tensor, got dtype torch.float32"),
+    Bad("cond-ids-bool", "cond", ("ia3_tasks", {"task_ids": torch.tensor([True, False])}), CondErr,
+        r"task_ids must be an integer \(long\) tensor, got dtype torch.bool"),
+    Bad("cond-ids-list", "cond", ("film_tasks", {"task_ids": [0, 1]}), CondErr,
+        r"task_ids must be a LongTensor of shape \(batch,\), got list"),
+    Bad("cond-ids-2d", "cond", ("film_tasks", {"task_ids": torch.tensor([[0], [1]])}), CondErr,
+        r"task_ids must be 1-D .* got shape \(2, 1\)"),
+    Bad("cond-ids-0d", "cond", ("hypermod_tasks", {"task_ids": torch.tensor(1)}), CondErr,
+        r"task_ids must be 1-D .* got shape \(\)"),
+    Bad("cond-ids-batch", "cond", ("film_tasks", {"task_ids": torch.tensor([0, 1, 2])}), CondErr,
+        r"task_ids has 3 entries but the batch has 2 samples"),
+    Bad("cond-ids-empty", "cond", ("ia3_tasks", {"task_ids": torch.tensor([], dtype=torch.long)}), CondErr,
+        r"task_ids has 0 entries but the batch has 2 samples"),
+    Bad("cond-embeds-width", "cond", ("film_embeds", {"task_embeds": torch.zeros(2, EMB + 1)}), CondErr,
+        rf"task_embeds must have shape \(batch, {EMB}\) .* got \(2, {EMB + 1}\)"),
+    Bad("cond-embeds-1d", "cond", ("hypermod_embeds", {"task_embeds": torch.zeros(EMB)}), CondErr,
+        rf"task_embeds must have shape \(batch, {EMB}\) .* got \({EMB},\)"),
+    Bad("cond-embeds-3d", "cond", ("film_embeds", {"task_embeds": torch.zeros(2, 1, EMB)}), CondErr,
+        rf"task_embeds must have shape \(batch, {EMB}\) .* got \(2, 1, {EMB}\)"),
+    Bad("cond-embeds-int", "cond", ("film_embeds", {"task_embeds": torch.zeros(2, EMB, dtype=torch.long)}), CondErr,
+        r"task_embeds must be a float tensor .* got torch.int64"),
+    Bad("cond-embeds-list", "cond", ("hypermod_embeds", {"task_embeds": [[0.0] * EMB] * 2}), CondErr,
+        r"task_embeds must be a float tensor .* got list"),
+    Bad("cond-embeds-batch", "cond", ("hypermod_embeds", {"task_embeds": torch.zeros(3, EMB)}), CondErr,
+        r"task_embeds has 3 entries but the batch has 2 samples"),
+    Bad("cond-both-for-ids", "cond", ("film_tasks", {"task_ids": torch.tensor([0, 1]),
+                                                     "task_embeds": torch.zeros(2, EMB)}), CondErr,
+        r"both task_ids and task_embeds were given, but adapter 'default' \(FILM, num_tasks=3\) takes only task_ids"),
+    Bad("cond-both-for-embeds", "cond", ("hypermod_embeds", {"task_ids": torch.tensor([0, 1]),
+                                                             "task_embeds": torch.zeros(2, EMB)}), CondErr,
+        r"both task_ids and task_embeds were given, but .*takes only task_embeds"),
+    Bad("cond-ids-for-embeds", "cond", ("film_embeds", {"task_ids": torch.tensor([0, 1])}), CondErr,
+        r"task_ids were given, but adapter 'default' \(FILM, task_embed_dim=6\) takes only task_embeds"),
+    Bad("cond-embeds-for-ids", "cond", ("ia3_tasks", {"task_embeds": torch.zeros(2, EMB)}), CondErr,
+        r"needs task_ids, which were not given"),
+    Bad("cond-ids-unconditioned-gated", "cond", ("gated", {"task_ids": torch.tensor([0, 1])}), CondErr,
+        r"no adapter among \['default'\] is task-conditioned"),
+    Bad("cond-embeds-unconditioned-ia3", "cond", ("ia3", {"task_embeds": torch.zeros(2, EMB)}), CondErr,
+        r"no adapter among \['default'\] is task-conditioned"),
+]
+
+assert len({c.id for c in CASES}) == len(CASES)
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()],
+            hasattr(model, "peft_config"))
+
+
+def _assert_unchanged(model, snap):
+    state, types, had_config = snap
+    now = model.state_dict()
+    assert list(now) == list(state)
+    for k, v in state.items():
+        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
+    assert [type(m) for m in model.modules()] == types
+    assert hasattr(model, "peft_config") == had_config
+
+
+@pytest.fixture(scope="module")
+def saved_gated(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "adapter"
+    torch.manual_seed(0)
+    model = get_peft_model(build_model("llama"), make_config("gated_vector", "llama", init_weights=False))
+    model.save_pretrained(path)
+    return path
+
+
+def _cond_model(option):
+    cls, kw = COND[option]
+    torch.manual_seed(3)
+    return get_peft_model(build_model("llama"), cls(**kw, init_weights=False))
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+def test_bad_input(case, saved_gated, tmp_path):
+    if case.kind == "config":
+        cls, kw = case.arg
+        model = build_model("llama")
+        snap = _snapshot(model)
+        with pytest.raises(case.error, match=case.message) as info:
+            cls(**kw)
+        _assert_unchanged(model, snap)  # the base model is passed nowhere and stays as it was
+        assert not any(isinstance(m, HadaLayer) for m in model.modules())
+    elif case.kind == "target":
+        cls, kw, family = case.arg
+        model = build_model(family)
+        snap = _snapshot(model)
+        cfg = cls(**kw)
+        with pytest.raises(case.error, match=case.message) as info:
+            get_peft_model(model, cfg)
+        _assert_unchanged(model, snap)
+        assert not any(isinstance(m, HadaLayer) for m in model.modules())
+    elif case.kind == "checkpoint":
+        mutate, base_factory = case.arg
+        folder = tmp_path / "adapter"
+        shutil.copytree(saved_gated, folder)
+        mutate(folder)
+        torch.manual_seed(0)
+        model = (base_factory or (lambda: build_model("llama")))()
+        snap = _snapshot(model)
+        if not case.extra.get("only_holder"):
+            with pytest.raises(case.error, match=case.message) as info:
+                PeftModel.from_pretrained(model, folder)
+            _assert_unchanged(model, snap)
+            assert not any(isinstance(m, HadaLayer) for m in model.modules())
+        if base_factory is None and case.extra.get("holder", True):
+            # and a peft model that already holds an adapter keeps exactly that one
+            holder = _cond_model("gated")
+            snap = _snapshot(holder)
+            with pytest.raises(case.error, match=case.message) as info:
+                holder.load_adapter(folder, adapter_name="second")
+            _assert_unchanged(holder, snap)
+            assert set(holder.peft_config) == {"default"}
+    elif case.kind == "cond":
+        option, kw = case.arg
+        model = _cond_model(option)
+        inputs = make_inputs("llama")
+        snap = _snapshot(model)
+        with pytest.raises(case.error, match=case.message) as info:
+            model(**inputs, **kw)
+        _assert_unchanged(model, snap)
+        if kw:
+            with pytest.raises(case.error, match=case.message):
+                model.generate(**inputs, **kw, max_new_tokens=2)
+            with pytest.raises(case.error, match=case.message):
+                with hadapeft.conditioning(model, batch=2, **kw):
+                    model(**inputs)
+            _assert_unchanged(model, snap)
+    else:  # pragma: no cover
+        raise AssertionError(case.kind)
+    assert type(info.value) is case.error or issubclass(type(info.value), case.error)
+    assert type(info.value).__module__.startswith("hadapeft"), type(info.value)
+
+
+def test_matrix_size():
+    assert len(CASES) >= 40
+    assert {c.kind for c in CASES} == {"config", "target", "checkpoint", "cond"}
+    assert {c.arg[0] for c in CASES if c.kind == "config"} == {G, I, F, H}
