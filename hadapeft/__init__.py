@@ -7,8 +7,8 @@
     model = get_peft_model(base_model, hadapeft.GatedLoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
 """
 
-from ._peft_integration import check_peft_version, install_conditioning_kwargs, install_load_guard, \
-    register_adapter_type
+from ._peft_integration import allow_pickle_checkpoints, check_peft_version, install_conditioning_kwargs, \
+    install_load_guard, register_adapter_type
 
 check_peft_version()
 
@@ -38,5 +38,6 @@ install_conditioning_kwargs()
 
 __all__ = [
     "GatedLoraConfig", "HadaIA3Config", "FiLMConfig", "HyperModConfig", "conditioning", "use_backend", "__version__",
+    "allow_pickle_checkpoints",
     "HadapeftConfigError", "TargetModuleError", "AdapterCheckpointError", "ConditioningError",
 ]
