@@ -142,6 +142,10 @@ def install_load_guard() -> None:
         try:
             return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
         except Exception as e:
+            if not existed and isinstance(e, ValueError) and "different peft types" in str(e):
+                # peft refused before injecting anything (one model holds one adapter type): name the checkpoint.
+                raise AdapterCheckpointError(f"cannot load adapter {adapter_name!r} from {model_id} into this model: "
+                                             f"{e}") from e
             if existed or not _hada_layers(self.base_model.model, adapter_name):
                 raise
             _unwrap_adapter(self.base_model.model, adapter_name)

@@ -129,11 +129,6 @@ def _fewer_layers():
                                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
 
 
-OTHER_TYPE_XFAIL = xfail("PeftModel.load_adapter of a HADA_IA3 checkpoint into a model holding a GATED_LORA adapter "
-                         "fails in peft's add_adapter with a plain ValueError ('Cannot combine adapters with different "
-                         "peft types'); the load guard in hadapeft/_peft_integration.py only converts errors raised "
-                         "after injection (outside the files this suite may edit)")
-
 CASES = [
     # (a) config fields --------------------------------------------------------------------------------------------
     Bad("gated-r0", "config", (G, dict(r=0)), CfgErr, r"^r must be a positive integer, got 0"),
@@ -255,7 +250,7 @@ CASES = [
     Bad("ckpt-config-other-hadapeft-type", "checkpoint", (_set("peft_type", "HADA_IA3"), None), CkptErr,
         r"missing from the checkpoint, e.g. .*hada_ia3_", extra={"holder": False}),
     Bad("ckpt-other-type-into-existing-adapter", "checkpoint", (_set("peft_type", "HADA_IA3"), None), CkptErr,
-        r"HADA_IA3", extra={"only_holder": True}, marks=OTHER_TYPE_XFAIL),
+        r"HADA_IA3", extra={"only_holder": True}),
     Bad("ckpt-config-unknown-backend", "checkpoint", (_set("backend", "cuda"), None), CfgErr,
         r"backend='cuda' is not one of"),
     # (d) conditioning -------------------------------------------------------------------------------------------------

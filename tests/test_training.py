@@ -111,3 +111,17 @@ def test_gate_stays_in_unit_interval_and_gradient_is_linear():
     for n, p in model.named_parameters():
         if "gated_lora_gate" in n:
             assert p.min() >= 0 and p.max() <= 1 and torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_training_keeps_gates_in_unit_interval_and_finite(dtype):
+    """bf16 / fp16 base, fp32 adapter weights (peft's default; the parameters are re-created by peft's dtype cast),
+    a large learning rate: every gate stays inside [0, 1], and weights and loss stay finite."""
+    model = get_peft_model(tiny_llama().to(dtype), hadapeft.GatedLoraConfig(r=4, target_modules="all-linear"))
+    losses = train(model, 15, lr=5e-2)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.isfinite(p).all(), n
+        if "gated_lora_gate" in n:
+            assert p.min() >= 0 and p.max() <= 1, n

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -27,13 +28,17 @@ class _ClampSTE(torch.autograd.Function):
         return grad
 
 
+# Every live Gated LoRA layer. Parameters themselves cannot be marked: peft's dtype casts replace them.
+_LAYERS: "weakref.WeakSet[GatedLoraLinear]" = weakref.WeakSet()
+
+
 def _project_gates_after_step(optimizer, args, kwargs) -> None:
-    """Global ``torch.optim`` post-step hook: clamp every Gated LoRA gate parameter the optimizer holds into [0, 1]."""
+    """Global ``torch.optim`` post-step hook: clamp every Gated LoRA gate parameter into [0, 1] (γ = clamp(g) anyway,
+    so this changes no output; it keeps g where its gradient acts)."""
     with torch.no_grad():
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if getattr(p, "_hadapeft_gate", False):
-                    p.clamp_(0.0, 1.0)
+        for layer in list(_LAYERS):
+            for p in layer.gated_lora_gate.values():
+                p.clamp_(0.0, 1.0)
 
 
 _HOOK = None
@@ -73,7 +78,7 @@ class GatedLoraLinear(HadaLayer):
         self.gated_lora_A[name] = nn.Parameter(A)
         self.gated_lora_B[name] = nn.Parameter(B)
         self.gated_lora_gate[name] = nn.Parameter(g)
-        self.gated_lora_gate[name]._hadapeft_gate = True  # projected into [0, 1] after each optimizer step
+        _LAYERS.add(self)  # its gates are projected into [0, 1] after each optimizer step
         _install_gate_projection()
         self.scaling[name] = config.lora_alpha / r
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
