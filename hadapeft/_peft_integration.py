@@ -16,9 +16,16 @@ surgery and the tuner hooks below depend on private layout that peft changes bet
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 import functools
 import inspect
+import json
+import os
+import re
+import secrets
+import shutil
 import sys
 
 import peft
@@ -124,6 +131,7 @@ def install_load_guard() -> None:
     original_load_adapter = PeftModel.load_adapter
 
     def from_pretrained(cls, model, model_id, adapter_name="default", *args, **kwargs):
+        precheck_local_adapter(model_id, kwargs)
         had_config = hasattr(model, "peft_config")
         try:
             return original_from_pretrained(cls, model, model_id, adapter_name, *args, **kwargs)
@@ -138,6 +146,7 @@ def install_load_guard() -> None:
             raise AdapterCheckpointError(f"cannot load adapter {adapter_name!r} from {model_id}: {e}") from e
 
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        precheck_local_adapter(model_id, kwargs)
         existed = adapter_name in self.peft_config
         try:
             return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
@@ -153,19 +162,6 @@ def install_load_guard() -> None:
             if isinstance(e, AdapterCheckpointError):
                 raise
             raise AdapterCheckpointError(f"cannot load adapter {adapter_name!r} from {model_id}: {e}") from e
-
-    precheck = precheck_local_adapter
-
-    original_from_pretrained_checked = from_pretrained
-    original_load_adapter_checked = load_adapter
-
-    def from_pretrained(cls, model, model_id, adapter_name="default", *args, **kwargs):  # noqa: F811
-        precheck(model_id, kwargs)
-        return original_from_pretrained_checked(cls, model, model_id, adapter_name, *args, **kwargs)
-
-    def load_adapter(self, model_id, adapter_name, *args, **kwargs):  # noqa: F811
-        precheck(model_id, kwargs)
-        return original_load_adapter_checked(self, model_id, adapter_name, *args, **kwargs)
 
     load_adapter._hadapeft_guard = True
     PeftModel.from_pretrained = classmethod(from_pretrained)
@@ -283,7 +279,6 @@ _COMMIT_NAME = ".hadapeft-commit"
 
 
 def _fsync_path(path: str, directory: bool = False) -> None:
-    import os
 
     try:
         fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
@@ -298,7 +293,6 @@ def _fsync_path(path: str, directory: bool = False) -> None:
 
 
 def _fsync_tree(root: str) -> None:
-    import os
 
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
@@ -307,7 +301,6 @@ def _fsync_tree(root: str) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
-    import os
 
     if pid == os.getpid():
         return True
@@ -323,8 +316,6 @@ def _pid_alive(pid: int) -> bool:
 def _roll_forward(save_directory: str) -> bool:
     """Finish an interrupted commit: move what is left in ``.hadapeft-commit`` into place. Idempotent and safe to run
     again after a crash in the middle of it. Returns whether there was anything to finish."""
-    import os
-    import shutil
 
     commit = os.path.join(save_directory, _COMMIT_NAME)
     if not os.path.isdir(commit):
@@ -359,8 +350,6 @@ def _roll_forward(save_directory: str) -> bool:
 def recover_interrupted_save(save_directory: str) -> None:
     """Bring ``save_directory`` to a consistent state after a save that was killed: complete a committed save
     (roll forward) and delete staging folders of processes that are gone. Called before each save and each load."""
-    import os
-    import shutil
 
     if not os.path.isdir(save_directory):
         return
@@ -398,9 +387,6 @@ def atomic_save_pretrained(original, self, save_directory, *args, **kwargs) -> N
     that bypasses hadapeft, e.g. a bare ``transformers`` ``load_adapter`` in the crash window, may see it half
     applied until the next hadapeft save or load.)
     """
-    import os
-    import secrets
-    import shutil
 
     save_directory = os.fspath(save_directory)
     if os.path.isfile(save_directory):
@@ -459,9 +445,6 @@ def install_atomic_save() -> None:
 
 
 # --- safe loading -------------------------------------------------------------------------------------------------
-import contextlib  # noqa: E402
-import contextvars  # noqa: E402
-
 _ALLOW_PICKLE = contextvars.ContextVar("hadapeft_allow_pickle", default=False)
 PICKLE_ENV = "HADAPEFT_ALLOW_PICKLE"
 # Packages a hadapeft adapter_config.json's auto_mapping may name (AutoPeftModel imports it; peft writes the model
@@ -482,7 +465,6 @@ def allow_pickle_checkpoints():
 
 
 def pickle_allowed() -> bool:
-    import os
 
     return _ALLOW_PICKLE.get() or os.environ.get(PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
 
@@ -492,7 +474,6 @@ def check_adapter_config(config: dict, where: str, auto: bool = False, trust_rem
     ``AutoPeftModel*`` acts on ``auto_mapping`` (it imports ``parent_library``) and on ``base_model_name_or_path``
     (it loads that model, running its code under ``trust_remote_code=True``); ``PeftModel.from_pretrained`` ignores
     both, so they are checked when ``auto``."""
-    import re
 
     from .errors import AdapterCheckpointError
 
@@ -521,8 +502,6 @@ def check_adapter_config(config: dict, where: str, auto: bool = False, trust_rem
 
 def _read_hadapeft_config(folder: str):
     """The parsed adapter_config.json in ``folder`` if it is a hadapeft one, else None."""
-    import json
-    import os
 
     from .errors import AdapterCheckpointError
 
@@ -543,7 +522,6 @@ def precheck_local_adapter(model_id, kwargs, auto: bool = False, trust_remote_co
     """Checks run before peft touches the model for a local hadapeft adapter folder: finish an interrupted save,
     refuse dangerous config fields, refuse a folder without weights (peft would fall back to the Hub and fail with an
     unrelated message), and refuse pickle weights unless :func:`allow_pickle_checkpoints`."""
-    import os
 
     from .errors import AdapterCheckpointError
 
