@@ -20,8 +20,9 @@ hadapeft ops are called at the op level (``hadapeft.ops``), peft through its lay
 Time: median over many repeats after a warm-up, cycling through several preallocated inputs and output gradients
 (so no case runs from a warm cache); CUDA events on GPU, ``time.perf_counter`` on CPU.
 Memory, two figures:
-    peak   GPU only: ``torch.cuda.max_memory_allocated`` during one forward + backward, minus what was allocated
-           before it (inputs, weights); so it counts the output, saved activations, temporaries and gradients.
+    peak   the most memory allocated at any moment of one forward + backward beyond what existed before it (inputs,
+           weights): the output, saved activations, temporaries and gradients (``scripts/memory.py``: the CUDA
+           allocator's peak on GPU, the profiler's memory timeline on CPU).
     saved  both devices: bytes held between forward and backward: the output plus every tensor autograd saves
            (``torch.autograd.graph.saved_tensors_hooks``; unique storages; the input and the weights, which the
            caller keeps alive anyway, are not counted).
@@ -42,6 +43,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from scripts.memory import peak_bytes
 
 HADAPEFT_OPS = ("gated_lora", "ia3", "ia3_ff", "film", "hypermod")
 BASELINES = ("base", "peft_lora", "peft_ia3", "peft_ia3_ff")
@@ -205,14 +208,8 @@ def measure(fn, params, frozen, d_in, d_out, tokens, dtype, device, warmup, repe
     if device.type == "cuda" and graphs:
         graph_ms = _graph_time(step, rotate, repeats)
 
-    peak = None
-    if device.type == "cuda":
-        _sync(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step(0)
-        _sync(device)
-        peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    # Extra memory during one forward + backward beyond the inputs and weights (which exist before the step).
+    peak = peak_bytes(lambda: step(0), device) / 2**20
 
     # Bytes held between forward and backward: the output and what autograd saves, minus caller-owned tensors.
     owned = {t.untyped_storage().data_ptr() for t in [xs[0]] + params + frozen}
@@ -466,14 +463,22 @@ def targets(rows):
                 if lora and m.get("peak_mib") is not None:
                     out.append((f"{op}[{backend}] peak ≤ peft LoRA peak (ratio)", m["peak_mib"] / lora["peak_mib"],
                                 m["peak_mib"] <= lora["peak_mib"]))
-    # CPU target: gated LoRA (torch path) ≤ 1.10× PEFT LoRA's time at equal rank, on every shape measured.
-    for r in rows:
-        if r["case"] == "gated_lora" and r["backend"] == "torch" and r.get("ms") and r.get("device_type") == "cpu":
-            lo = next((q for q in rows if q["case"] == "peft_lora" and q["shape"] == r["shape"]
-                       and q["tokens"] == r["tokens"] and q.get("ms")), None)
-            if lo:
-                out.append((f"cpu gated_lora {r['shape']} {r['tokens']} ≤ 1.10× peft LoRA", r["ms"] / lo["ms"],
-                            r["ms"] / lo["ms"] <= 1.10))
+    # CPU targets (torch path, every shape measured): gated LoRA ≤ 1.10× peft LoRA's time at equal rank, HadaIA3 ≤
+    # peft IA3's time (out-scale against IA3 on the output, in-scale against IA3 as a feedforward module), and peak
+    # memory ≤ peft's for each.
+    for op, ref, limit in (("gated_lora", "peft_lora", 1.10), ("ia3", "peft_ia3", 1.0), ("ia3_ff", "peft_ia3_ff", 1.0)):
+        for r in rows:
+            if r["case"] != op or r["backend"] != "torch" or not r.get("ms") or r.get("device_type") != "cpu":
+                continue
+            q = next((q for q in rows if q["case"] == ref and q["shape"] == r["shape"] and q["tokens"] == r["tokens"]
+                      and q.get("ms")), None)
+            if q is None:
+                continue
+            where = f"cpu {op} {r['shape']} {r['tokens']}"
+            out.append((f"{where} ≤ {limit:.2f}× {ref} time", r["ms"] / q["ms"], r["ms"] / q["ms"] <= limit))
+            if r.get("peak_mib") is not None and q.get("peak_mib"):
+                out.append((f"{where} peak ≤ {ref} peak (ratio)", r["peak_mib"] / q["peak_mib"],
+                            r["peak_mib"] <= q["peak_mib"]))
     return out
 
 
@@ -486,8 +491,8 @@ def layer_markdown(env, rows, args):
              f"adapter parameters, base frozen); batch {BATCH} × tokens/{BATCH}; r = {RANK}. "
              "Median of repeats, rotating inputs (GPU: steps back to back, CUDA events between steps). `× base`: "
              "time over the frozen nn.Linear alone in the same run. `graph`: the same step replayed from CUDA "
-             "graphs, i.e. GPU time without host launch overhead. `peak`: extra GPU memory during one forward + "
-             "backward; `saved`: output + tensors saved for backward (see scripts/bench.py); `CPU ms`: host time "
+             "graphs, i.e. GPU time without host launch overhead. `peak`: extra memory during one forward + "
+             "backward (CUDA allocator peak on GPU, profiler memory timeline on CPU); `saved`: output + tensors saved for backward (see scripts/bench.py); `CPU ms`: host time "
              "to issue one step (a step is CPU-bound when this reaches `ms`).", ""]
     for (shape, tokens) in dict.fromkeys((r["shape"], r["tokens"]) for r in rows):
         lines += [f"## {shape} (d_in x d_out), {tokens} tokens", "",

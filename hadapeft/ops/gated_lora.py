@@ -13,13 +13,15 @@ This is the PyTorch reference path (the CPU implementation users run) and the sh
 
 Memory: the backward needs ``h − l`` (for dγ) and ``u = x_l Aᵀ`` (N × r). We save exactly those plus a reference to
 the input (which the caller keeps alive anyway), and fold ``s`` and ``1 − γ`` into the small matrices so the backward
-allocates no N × d temporaries beyond the gradients themselves and one product for dγ.
+allocates no N × d temporaries beyond the gradients themselves (dγ is reduced block by block, ``reduce.py``).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .reduce import sum_of_products
 
 
 def gated_lora_ref(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=None, upcast=False):
@@ -58,9 +60,8 @@ class GatedLoraFunction(torch.autograd.Function):
         dy2, diff, u = dy.reshape(-1, d_out), diff.reshape(-1, d_out), u.reshape(-1, r)
         lx2 = lx.reshape(-1, lx.shape[-1])
         # dγ = Σ_n dy ∘ (h − l); a scalar gate sums over features too.
-        dgate = (dy2 * diff).sum(0)
-        if gate.numel() == 1:
-            dgate = dgate.sum().reshape(1)
+        dgate = sum_of_products(dy2, diff)
+        dgate = (dgate.sum().reshape(1) if gate.numel() == 1 else dgate).to(gate.dtype)
         mix = ((1 - gate) * s).unsqueeze(-1)  # (d_out, 1) or (1, 1): weight of the low-rank branch
         dB = (dy2.t() @ u) * mix  # (d_out, r)
         v = dy2 @ (lora_B * mix)  # (N, r) = ((1−γ) s ∘ dy) B
@@ -72,8 +73,9 @@ class GatedLoraFunction(torch.autograd.Function):
             if ctx.needs_input_grad[7]:
                 dlx = (v @ lora_A).view(ctx.x_shape)
         elif ctx.needs_input_grad[0]:
-            # dx = (γ ∘ dy) W + v A, as one GEMM on a γ-scaled copy of W (d_out × d_in, cheaper than N × d).
-            dx = torch.addmm(v @ lora_A, dy2, weight * gate.unsqueeze(-1)).view(ctx.x_shape)
+            # dx = (γ ∘ dy) W + v A: one GEMM on a γ-scaled copy of W (d_out × d_in, cheaper than N × d), then the
+            # low-rank term accumulated in place (one N × d_in buffer, not two).
+            dx = (dy2 @ (weight * gate.unsqueeze(-1))).addmm_(v, lora_A).view(ctx.x_shape)
         return dx, None, None, dA, dB, dgate, None, dlx
 
 

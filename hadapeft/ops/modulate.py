@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reduce import per_sample_sum_of_products, sum_of_products
+
 
 def _rows(table, index, batch):
     """Per-sample rows of a table: (B, 1, d) to broadcast over (B, L, d), or the single row (1, d) when index is
@@ -56,11 +58,18 @@ def modulated_linear_ref(x, weight, bias, in_scale=None, out_scale=None, shift=N
     return h.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _table_grad(per_row, index, table):
-    """Sum gradients into the table's rows (T, d): per_row is (B, L, d) with an index, else (..., d)."""
+def _rows_count(t):
+    return t.numel() // max(t.shape[-1], 1)
+
+
+def _table_grad(a, b, index, table):
+    """Σ a ∘ b (or Σ a when b is None) into the table's rows (T, d): a, b are (B, L, d) with an index (one table row
+    per sample), else (..., d) summed over everything but the last dim."""
     if index is None:
-        return per_row.reshape(-1, per_row.shape[-1]).sum(0, keepdim=True)
-    return torch.zeros_like(table).index_add_(0, index, per_row.sum(1).to(table.dtype))
+        g = a.reshape(-1, a.shape[-1]).sum(0, dtype=torch.float32) if b is None else sum_of_products(a, b)
+        return g.to(table.dtype).unsqueeze(0)
+    g = a.sum(1, dtype=torch.float32) if b is None else per_sample_sum_of_products(a, b)
+    return torch.zeros_like(table).index_add_(0, index, g.to(table.dtype))
 
 
 class ModulatedLinearFunction(torch.autograd.Function):
@@ -69,7 +78,12 @@ class ModulatedLinearFunction(torch.autograd.Function):
         B, d_out = x.shape[0], weight.shape[0]
         x3 = _view(x, index)  # (B, L, d_in), or x as given when every sample uses the same row
         i, o, s = (_rows(t, index, B) for t in (in_scale, out_scale, shift))
-        h = F.linear(x3 if i is None else x3 * i, weight, bias if scale_bias else None)  # (B, L, d_out)
+        inner_bias = bias if scale_bias or o is None else None  # without an output scale the bias goes in as is
+        if i is not None and index is None and _rows_count(x) >= d_out:
+            # One input scale for every row: scale W's columns (d_out × d_in) rather than x (rows × d_in).
+            h = F.linear(x3, weight * in_scale, inner_bias)
+        else:
+            h = F.linear(x3 if i is None else x3 * i, weight, inner_bias)  # (B, L, d_out)
         if o is None:
             y = h
         else:
@@ -91,14 +105,20 @@ class ModulatedLinearFunction(torch.autograd.Function):
         i, o = _rows(in_scale, index, B), _rows(out_scale, index, B)
         d_in_t = d_out_t = d_shift_t = None
         if out_scale is not None and ctx.needs_input_grad[4]:
-            d_out_t = _table_grad(dy3 * h, index, out_scale)
+            d_out_t = _table_grad(dy3, h, index, out_scale)
         if shift is not None and ctx.needs_input_grad[5]:
-            d_shift_t = _table_grad(dy3, index, shift)
-        dh = dy3 if o is None else dy3 * o
-        dxs = dh @ weight  # gradient w.r.t. the scaled input (B, L, d_in)
+            d_shift_t = _table_grad(dy3, None, index, shift)
+        # Gradient w.r.t. the scaled input (B, L, d_in); a single output scale goes onto W's rows when that is the
+        # smaller temporary.
+        if o is None:
+            dxs = dy3 @ weight
+        elif index is None and _rows_count(dy3) >= weight.shape[1]:
+            dxs = dy3 @ (weight * out_scale.reshape(-1, 1))
+        else:
+            dxs = (dy3 * o) @ weight
         if in_scale is not None:
             if ctx.needs_input_grad[3]:
-                d_in_t = _table_grad(dxs * x3, index, in_scale)
+                d_in_t = _table_grad(dxs, x3, index, in_scale)
             dxs.mul_(i)
         dx = dxs.reshape(ctx.x_shape) if ctx.needs_input_grad[0] else None
         return dx, None, None, d_in_t, d_out_t, d_shift_t, None, None

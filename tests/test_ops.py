@@ -1,0 +1,127 @@
+"""The PyTorch path of the ops (``hadapeft/ops``: custom autograd Functions, what every CPU user runs) against the
+fp64 formula, forward and backward.
+
+Same rule as the kernel tests: ``|op − ref64| ≤ 2 · |eager − ref64| + floor``, eager = the same formula in the input
+dtype through plain autograd. Shapes cover the branches of the Functions: a single input/output scale folded into W
+(rows ≥ d_out, rows ≥ d_in) or applied to the activations, per-sample task rows, and the blocked reductions with
+more than one block (``reduce._BLOCK_ELEMENTS`` made small).
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from hadapeft.ops import reduce
+from hadapeft.ops.gated_lora import gated_lora_ref, gated_lora_torch
+from hadapeft.ops.modulate import modulated_linear_ref, modulated_linear_torch
+
+DTYPES = {"fp32": (torch.float32, 16), "bf16": (torch.bfloat16, 4)}
+
+
+@pytest.fixture(params=[None, 96], ids=["one-block", "many-blocks"])
+def block(request, monkeypatch):
+    if request.param is not None:
+        monkeypatch.setattr(reduce, "_BLOCK_ELEMENTS", request.param)
+    return request.param
+
+
+def _check(name, out, eager, ref, dtype, ulps):
+    assert out.dtype == eager.dtype and out.shape == ref.shape, name
+    err = (out.double() - ref).abs().max().item()
+    eager_err = (eager.double() - ref).abs().max().item()
+    floor = ulps * torch.finfo(dtype).eps * max(ref.abs().max().item(), 1e-3)
+    assert err <= 2 * eager_err + floor, f"{name}: op error {err:.3e} > 2 × eager {eager_err:.3e} + {floor:.1e}"
+
+
+def _grads(fn, inputs, dy):
+    y = fn(*inputs)
+    return (y, *torch.autograd.grad(y, inputs, dy.to(y.dtype)))
+
+
+def _compare(fn, ref_fn, inputs, dy, dtype, ulps, names):
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    got = _grads(fn, inputs, dy)
+    eager = _grads(lambda *a: ref_fn(*a, upcast=False), inputs, dy)
+    ref = _grads(lambda *a: ref_fn(*a, upcast=True), inputs64, dy)
+    for name, o, e, r in zip(["y"] + names, got, eager, ref):
+        _check(name, o, e, r, dtype, ulps)
+
+
+def _rand(*shape, dtype, scale=1.0, offset=0.0, grad=True):
+    return (torch.randn(*shape) * scale + offset).to(dtype).requires_grad_(grad)
+
+
+# (leading dims, d_in, d_out, r, gate kind, separate lora_x, bias)
+GATED = [((7,), 48, 200, 4, "vector", False, True), ((3, 43), 200, 48, 16, "scalar", False, False),
+         ((129,), 48, 48, 8, "vector", True, True), ((1,), 20, 30, 2, "scalar", True, False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", GATED, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-r{c[3]}-{c[4]}-lx{int(c[5])}")
+def test_gated_lora_torch_matches_fp64(case, dtype, block):
+    dtype, ulps = DTYPES[dtype]
+    torch.manual_seed(0)
+    lead, d_in, d_out, r, gate_kind, with_lx, with_bias = case
+    x = _rand(*lead, d_in, dtype=dtype)
+    weight = _rand(d_out, d_in, dtype=dtype, scale=d_in ** -0.5, grad=False)
+    bias = _rand(d_out, dtype=dtype, grad=False) if with_bias else None
+    A, B = _rand(r, d_in, dtype=dtype, scale=d_in ** -0.5), _rand(d_out, r, dtype=dtype, scale=0.5)
+    gate = torch.rand(d_out if gate_kind == "vector" else 1).to(dtype).requires_grad_()
+    inputs = [x, A, B, gate] + ([_rand(*lead, d_in, dtype=dtype)] if with_lx else [])
+    _compare(lambda x, A, B, g, lx=None: gated_lora_torch(x, weight, bias, A, B, g, 1.5, lx),
+             lambda x, A, B, g, lx=None, upcast=False: gated_lora_ref(x, weight, bias, A, B, g, 1.5, lx, upcast),
+             inputs, torch.randn(*lead, d_out), dtype, ulps, ["dx", "dA", "dB", "dgate", "dlora_x"])
+
+
+# (B, L, d_in, d_out): rows 7 (no fold), 129 ≥ d_out (in-scale folded into W), 200 ≥ d_in and d_out (both folds)
+MOD_SHAPES = [(1, 7, 48, 200), (3, 43, 200, 48), (2, 100, 48, 64)]
+MOD_FLAGS = [f for f in itertools.product([False, True], [False, True], [False, True], [False, True], [True, False])
+             if f[1] or f[2] or f[3]]  # index, in, out, shift, scale_bias
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", MOD_SHAPES, ids=lambda s: "B{}L{}-{}x{}".format(*s))
+@pytest.mark.parametrize("flags", MOD_FLAGS, ids=lambda f: "idx{}-i{}o{}s{}-sb{}".format(*map(int, f)))
+def test_modulated_linear_torch_matches_fp64(shape, flags, dtype, block):
+    dtype, ulps = DTYPES[dtype]
+    torch.manual_seed(1)
+    B, L, d_in, d_out = shape
+    use_index, has_in, has_out, has_shift, scale_bias = flags
+    T = 3 if use_index else 1
+    x = _rand(B, L, d_in, dtype=dtype)
+    weight = _rand(d_out, d_in, dtype=dtype, scale=d_in ** -0.5, grad=False)
+    bias = _rand(d_out, dtype=dtype, grad=False)
+    index = torch.tensor([2, 0, 1])[:B] if use_index else None
+    tables = {"din": _rand(T, d_in, dtype=dtype, scale=0.5, offset=1.0) if has_in else None,
+              "dout": _rand(T, d_out, dtype=dtype, scale=0.5, offset=1.0) if has_out else None,
+              "dshift": _rand(T, d_out, dtype=dtype, scale=0.5) if has_shift else None}
+    names = ["dx"] + [k for k, t in tables.items() if t is not None]
+
+    def split(args):
+        it = iter(args[1:])
+        return (args[0], *(next(it) if t is not None else None for t in tables.values()))
+
+    def fn(*args):
+        return modulated_linear_torch(*split(args)[:1], weight, bias, *split(args)[1:], index, scale_bias)
+
+    def ref_fn(*args, upcast):
+        return modulated_linear_ref(*split(args)[:1], weight, bias, *split(args)[1:], index, scale_bias, upcast)
+
+    inputs = [x] + [t for t in tables.values() if t is not None]
+    _compare(fn, ref_fn, inputs, torch.randn(B, L, d_out), dtype, ulps, names)
+
+
+def test_sum_of_products_blocks_add_up_in_order(monkeypatch):
+    """Blocked reduction = the fp64 column sum, for a row count that leaves a partial last block, bf16 inputs
+    accumulated in fp32, and bit-identical on a rerun (fixed order)."""
+    monkeypatch.setattr(reduce, "_BLOCK_ELEMENTS", 7 * 5)
+    a, b = torch.randn(3, 11, 5).bfloat16(), torch.randn(3, 11, 5).bfloat16()
+    got = reduce.sum_of_products(a, b)
+    ref = (a * b).double().sum((0, 1))  # the products round to bf16 as in eager; the sums must not
+    assert got.dtype == torch.float32
+    assert (got.double() - ref).abs().max() < 1e-5
+    assert torch.equal(got, reduce.sum_of_products(a, b))
+    per = reduce.per_sample_sum_of_products(a, b)
+    assert (per.double() - (a * b).double().sum(1)).abs().max() < 1e-5
+    assert ((a * b).sum((0, 1)).double() - ref).abs().max() > 1e-3  # what a bf16 result would lose
