@@ -25,8 +25,8 @@ def test_cpu_peak_counts_live_tensors_not_what_existed_before():
 
 
 def test_cpu_peak_of_a_training_step():
-    """Forward + backward of y = relu(x W) * 2 for x (256, 512): peak = the relu output kept for backward plus two
-    gradient buffers and x.grad, each 256 × 512 fp32 (0.5 MiB)."""
+    """Forward + backward of y = relu(x W) * 2 for x (256, 512): at the peak three 256 × 512 fp32 buffers (0.5 MiB
+    each) are live: the relu output kept for backward, the incoming gradient and the next one."""
     x = torch.randn(256, 512, requires_grad=True)
     w = torch.randn(512, 512)
 
@@ -34,7 +34,7 @@ def test_cpu_peak_of_a_training_step():
         ((x @ w).relu() * 2).sum().backward()
 
     peak = peak_bytes(step, "cpu")
-    assert 1.5 * MiB <= peak <= 2.5 * MiB, peak
+    assert abs(peak - 1.5 * MiB) < 1024, peak / MiB
 
 
 def test_bench_writes_table_json_and_cpu_targets(tmp_path):

@@ -131,7 +131,8 @@ def _gated_inputs(lead, d_in, d_out, r, gate_kind, with_lora_x, with_bias, dtype
     bias = _rand(d_out, dtype=dtype, grad=False) if with_bias else None
     lora_A = _rand(r, d_in, dtype=dtype, scale=d_in ** -0.5)
     lora_B = _rand(d_out, r, dtype=dtype, scale=0.5)
-    gate = torch.rand(d_out if gate_kind == "vector" else 1, device=DEVICE).to(dtype).requires_grad_()
+    # some gates outside [0, 1]: the kernels clamp on load, the gradient is straight-through (as the reference)
+    gate = (torch.rand(d_out if gate_kind == "vector" else 1, device=DEVICE) * 1.6 - 0.3).to(dtype).requires_grad_()
     lora_x = _rand(*lead, d_in, dtype=dtype) if with_lora_x else None
     return x, weight, bias, lora_A, lora_B, gate, lora_x
 

@@ -54,7 +54,21 @@ def _rand(*shape, dtype, scale=1.0, offset=0.0, grad=True):
 
 # (leading dims, d_in, d_out, r, gate kind, separate lora_x, bias)
 GATED = [((7,), 48, 200, 4, "vector", False, True), ((3, 43), 200, 48, 16, "scalar", False, False),
-         ((129,), 48, 48, 8, "vector", True, True), ((1,), 20, 30, 2, "scalar", True, False)]
+         ((129,), 48, 48, 8, "vector", True, True), ((1,), 20, 30, 2, "scalar", True, False),
+         ((4,), 20, 30, 2, "scalar", False, True)]
+
+
+def test_gate_is_clamped_forward_and_straight_through_backward():
+    """γ outside [0, 1] acts as its clamp in the forward; dγ is the unclamped formula's Σ dy ∘ (h − l)."""
+    torch.manual_seed(0)
+    x, w, A, B = torch.randn(5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    gate = torch.tensor([1.4, -0.5, 0.3, 1.0, 0.0, 2.0], requires_grad=True)
+    y = gated_lora_torch(x, w, None, A, B, gate, 0.5)
+    gc = gate.detach().clamp(0, 1)
+    h, low = x @ w.t(), x @ A.t() @ B.t() * 0.5
+    torch.testing.assert_close(y, gc * h + (1 - gc) * low)
+    (dgate,) = torch.autograd.grad(y, gate, torch.ones_like(y))
+    torch.testing.assert_close(dgate, (h - low).sum(0))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -67,7 +81,7 @@ def test_gated_lora_torch_matches_fp64(case, dtype, block):
     weight = _rand(d_out, d_in, dtype=dtype, scale=d_in ** -0.5, grad=False)
     bias = _rand(d_out, dtype=dtype, grad=False) if with_bias else None
     A, B = _rand(r, d_in, dtype=dtype, scale=d_in ** -0.5), _rand(d_out, r, dtype=dtype, scale=0.5)
-    gate = torch.rand(d_out if gate_kind == "vector" else 1).to(dtype).requires_grad_()
+    gate = (torch.rand(d_out if gate_kind == "vector" else 1) * 1.6 - 0.3).to(dtype).requires_grad_()
     inputs = [x, A, B, gate] + ([_rand(*lead, d_in, dtype=dtype)] if with_lx else [])
     _compare(lambda x, A, B, g, lx=None: gated_lora_torch(x, weight, bias, A, B, g, 1.5, lx),
              lambda x, A, B, g, lx=None, upcast=False: gated_lora_ref(x, weight, bias, A, B, g, 1.5, lx, upcast),

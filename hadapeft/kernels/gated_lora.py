@@ -3,7 +3,7 @@
 Shapes (N = rows after flattening leading dims; r ≤ 64 is padded to BLOCK_R ≥ 16 for ``tl.dot``, masked):
 
     x (N, d_in)   weight (d_out, d_in) frozen   bias (d_out,) | None frozen
-    lora_A (r, d_in)   lora_B (d_out, r)   gate (d_out,) | (1,) in [0, 1]   lora_x (N, d_in) | None (= x)
+    lora_A (r, d_in)   lora_B (d_out, r)   gate (d_out,) | (1,), clamped to [0, 1] on load   lora_x (N, d_in) | None
 
 Where the time goes (H100, bf16, d = 4096, N = 8192): each GEMM of the frozen layer is ~0.37 ms, one elementwise
 pass over an N × d bf16 activation (read or write) ~0.022 ms. So the design keeps both big GEMMs in cuBLAS and
@@ -40,6 +40,12 @@ MAX_RANK = 64
 
 
 @triton.jit
+def _clamp01(g):
+    """γ = clamp(gate, 0, 1), applied wherever a kernel reads the gate (the op's gradient is straight-through)."""
+    return tl.minimum(tl.maximum(g, 0.0), 1.0)
+
+
+@triton.jit
 def _gated_lora_fwd_kernel(
     H, U, LB, GATE, Y,  # h (N, D), u (N, R), lora_B (D, R), γ (D,) | (1,), y (N, D)
     N, D, R, scaling,
@@ -60,9 +66,9 @@ def _gated_lora_fwd_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     h = tl.load(H + rm64[:, None] * stride_h + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     if GATE_VEC:
-        g = tl.load(GATE + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        g = _clamp01(tl.load(GATE + rn, mask=mask_n, other=0.0).to(tl.float32))[None, :]
     else:
-        g = tl.load(GATE).to(tl.float32)
+        g = _clamp01(tl.load(GATE).to(tl.float32))
     y = low + g * (h - low)
     tl.store(Y + rm64[:, None] * stride_y + rn[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
@@ -86,10 +92,10 @@ def _gated_lora_bwd_kernel(
 
     bt = tl.load(LB + rn[None, :] * stride_b + rr[:, None], mask=mask_r[:, None] & mask_n[None, :], other=0.0)
     if GATE_VEC:
-        g = tl.load(GATE + rn, mask=mask_n, other=0.0).to(tl.float32)
+        g = _clamp01(tl.load(GATE + rn, mask=mask_n, other=0.0).to(tl.float32))
         mix = ((1.0 - g) * scaling)[None, :]  # (1, BLOCK_N)
     else:
-        mix = (1.0 - tl.load(GATE).to(tl.float32)) * scaling
+        mix = (1.0 - _clamp01(tl.load(GATE).to(tl.float32))) * scaling
     bt_mix = (bt.to(tl.float32) * mix).to(bt.dtype)  # ((1−γ) s ∘ B)ᵀ, (BLOCK_R, BLOCK_N)
 
     acc_dh = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -145,9 +151,9 @@ def _merge_weight_kernel(
     rm64 = rm.to(tl.int64)
     mask = mask_m[:, None] & mask_n[None, :]
     if GATE_VEC:
-        g = tl.load(GATE + rm, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+        g = _clamp01(tl.load(GATE + rm, mask=mask_m, other=0.0).to(tl.float32))[:, None]
     else:
-        g = tl.load(GATE).to(tl.float32)
+        g = _clamp01(tl.load(GATE).to(tl.float32))
     w = tl.load(W + rm64[:, None] * stride_w + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     out = g * w
     if HAS_LOW:
@@ -364,7 +370,8 @@ def gated_lora_triton(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=Non
         weight: (d_out, d_in) frozen; bias: (d_out,) or None, frozen. Trainable base weights fall back to
             the eager formula (autograd produces their gradients).
         lora_A: (r, d_in), lora_B: (d_out, r), r ≤ 64; same dtype as x.
-        gate: (d_out,) or (1,), γ already in [0, 1] (any float dtype; gradient returned in that dtype).
+        gate: (d_out,) or (1,); γ = clamp(gate, 0, 1) in the forward, the gradient w.r.t. gate is straight-through
+            (any float dtype; gradient returned in that dtype).
         scaling: s = lora_alpha / r.
         lora_x: (..., d_in) or None; dropout(x) for the low-rank branch.
 

@@ -8,7 +8,8 @@ This is the PyTorch reference path (the CPU implementation users run) and the sh
     bias   (d_out,) | None  frozen, no grad
     lora_A (r, d_in)
     lora_B (d_out, r)
-    gate   (d_out,) | (1,)  γ, already inside [0, 1]
+    gate   (d_out,) | (1,)  γ = clamp(gate, 0, 1) in the forward; its gradient is straight-through (the
+                            identity), as Gated LoRA trains the gate by projected gradient descent
     lora_x same as x | None dropout(x) for the low-rank branch; None means x itself
 
 Memory: the backward needs ``h − l`` (for dγ) and ``u = x_l Aᵀ`` (N × r). We save exactly those plus a reference to
@@ -30,6 +31,7 @@ def gated_lora_ref(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=None, 
     if upcast:
         x, lx, weight, lora_A, lora_B, gate = (t.double() for t in (x, lx, weight, lora_A, lora_B, gate))
         bias = None if bias is None else bias.double()
+    gate = gate + (gate.clamp(0.0, 1.0) - gate).detach()  # straight-through clamp; exact for gates in [0, 1]
     h = F.linear(x, weight, bias)
     low = F.linear(F.linear(lx, lora_A), lora_B) * scaling
     return gate * h + (1 - gate) * low
@@ -41,6 +43,7 @@ class GatedLoraFunction(torch.autograd.Function):
         # x keeps its shape here: flattening a strided input would copy it and change the GEMM's rounding, and the
         # identity at init must be exact.
         lx = x if lora_x is None else lora_x
+        gate = gate.clamp(0.0, 1.0)  # inside the Function: no autograd node; backward passes dγ straight through
         u = lx @ lora_A.t()  # (..., r)
         diff = F.linear(x, weight, bias)  # h, (..., d_out); becomes h − l in place below
         low = u @ (lora_B * scaling).t()  # l, (..., d_out); becomes y in place below

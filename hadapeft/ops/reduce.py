@@ -20,9 +20,9 @@ def sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(a * b)`` summed over every dim but the last, as fp32, for a, b of the same shape (..., d)."""
     d = a.shape[-1]
     a2, b2 = a.reshape(-1, d), b.reshape(-1, d)
-    if a.device.type != "cpu":
-        return torch.mul(a2, b2).sum(0, dtype=torch.float32)
     rows = max(1, _BLOCK_ELEMENTS // max(d, 1))
+    if a.device.type != "cpu" or a2.shape[0] <= rows:  # one block: no loop (small inputs are host-bound)
+        return torch.mul(a2, b2).sum(0, dtype=torch.float32)
     acc = torch.zeros(d, dtype=torch.float32)
     block = torch.empty(min(rows, a2.shape[0]), d, dtype=torch.promote_types(a.dtype, b.dtype))
     for start in range(0, a2.shape[0], rows):

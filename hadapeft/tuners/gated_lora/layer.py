@@ -90,15 +90,15 @@ class GatedLoraLinear(HadaLayer):
     def adapter_forward(self, name, x, inner, dtype):
         A = self.gated_lora_A[name].to(dtype)
         B = self.gated_lora_B[name].to(dtype)
-        gate = self.gate(name).to(dtype)
         s = self.scaling[name]
         drop = self.lora_dropout[name]
         lora_x = drop(x) if isinstance(drop, nn.Dropout) and self.training else None
-        if inner is None:
+        if inner is None:  # the fused op clamps the gate itself (same straight-through gradient as `gate()`)
             w, b = self.frozen_weight(dtype)
+            gate = self.gated_lora_gate[name].to(dtype)
             return gated_lora_linear(x, w, b, A, B, gate, s, lora_x, backend=self.backend[name])
         low = (x if lora_x is None else lora_x) @ A.t() @ (B * s).t()
-        return torch.lerp(low, inner(x), gate)
+        return torch.lerp(low, inner(x), self.gate(name).to(dtype))
 
     def merge_terms(self, name):
         gate = self.gate(name).detach().float()
