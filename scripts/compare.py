@@ -1,0 +1,449 @@
+"""Compare hadapeft's adapters with peft LoRA and IA3 on real data: accuracy, trainable parameters, time, memory.
+
+    python -m scripts.compare --preset cpu-small            # the published table: docs/results.{md,png,json}
+    python -m scripts.compare --preset ci --out /tmp/cmp     # tiny version run by tests/test_compare.py
+    python -m scripts.compare --tasks text --methods frozen,lora-r16,gated-lora-r16 --seeds 0,1,2,3,4 \\
+        --text-model sentence-transformers/all-mpnet-base-v2 --text-dataset SetFit/bbc-news --device cuda
+
+Protocol
+--------
+Tasks (``scripts/_compare_tasks.py``; each one a frozen pretrained encoder + a fresh linear head per task):
+
+* ``text``: the real all-MiniLM-L6-v2 (offline package) on the real BBC News sections, from each article's first
+  16 tokens. Chosen, before any method was run, so that adaptation matters: on whole articles a linear probe on the
+  frozen features already scores ~0.96.
+* ``vision``: a small ViT, pretrained here (deterministically, cached) on the real handwritten digits 0-4, adapted
+  to digits 5-9. No pretrained ViT installs offline; ``--vit-model`` takes a Hub id or folder instead.
+* ``multitask``: the same ViT on all ten digits labelled three ways (digit, parity, digit mod 3), tasks mixed in
+  every batch. Task-conditioned methods (FiLM, HyperMod, HadaIA3 with ``num_tasks``) train ONE adapter, routed per
+  sample by ``task_ids``; single-task methods train one adapter + head per task, each for steps / 3, and report the
+  sum of their parameters.
+
+Methods (``METHODS``): the frozen base (the encoder frozen, only the head trained: the floor every adapter must
+beat), peft LoRA r=4 and r=16 and peft IA3, and hadapeft Gated LoRA (r=4 and r=16 with a gate per feature, r=16 with
+one gate per layer), HadaIA3 (single and multi-task), FiLM and HyperMod (``num_tasks=1`` on single-task problems).
+Same layers per family, from hadapeft's per-model defaults: low-rank methods and HyperMod on the attention query /
+value, IA3 and HadaIA3 on key / value / MLP down projection (input-scaled), FiLM on the attention and MLP outputs.
+
+Training, identical for every method: the same steps and batch size, AdamW (no weight decay), 10% linear warm-up
+then linear decay, gradient clipping at 1.0. Learning rates are fixed per parameter kind, never tuned per method:
+the head 5e-2 (picked for the frozen base alone, see ``LEARNING_RATES``); adapter matrices (LoRA, Gated LoRA,
+HyperMod's hypernetwork) 2e-3; adapter vectors (IA3, HadaIA3, FiLM) 5e-3 (``--lr KIND=VALUE`` changes one). Seeds change the head and adapter init and the
+batch order; the train / held-out split is fixed. Reported: held-out accuracy (mean ± sample std over seeds),
+trainable parameters (adapter + heads; the adapter alone in a second column), seconds per step (median of the
+training steps of all seeds, evaluation excluded), peak memory of one training step (``scripts/memory.py``, measured
+once per method after the first seed's training, never inside the timed steps). As a reference the table also
+gives a logistic regression fit to convergence on the frozen encoder's pooled features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+# libgomp's default busy-wait makes torch's threads ~5x slower when another process shares the cores (see
+# examples/quickstart.py); only takes effect before torch is imported, as under ``python -m scripts.compare``.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from scripts import _compare_report as report  # noqa: E402
+from scripts import _compare_tasks as tasks  # noqa: E402
+from scripts.memory import peak_bytes  # noqa: E402
+
+TASKS = ("text", "vision", "multitask")
+# The head's rate is the one of {5e-3, 1e-2, 2e-2, 5e-2} that gave the frozen base (head only) its best mean held-out
+# accuracy over the three tasks (cpu-small: 0.731, 0.746, 0.753, 0.754): chosen for the baseline alone. A first draft
+# used 5e-3, which left the frozen base far below its own linear probe (vision 0.48 vs 0.82).
+LEARNING_RATES = {"head": 5e-2, "matrix": 2e-3, "vector": 5e-3}
+
+
+# ---------------------------------------------------------------------------------------------------------- presets
+@dataclass(frozen=True)
+class Budget:
+    steps: int  # optimizer steps per run (split over the tasks for single-task methods on multitask)
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Preset:
+    seeds: tuple[int, ...]
+    budgets: dict  # task -> Budget
+    text_max_length: int = 16
+    text_test_size: int = 400
+    about: str = ""
+    learning_rates: dict = field(default_factory=lambda: dict(LEARNING_RATES))
+    methods: dict = field(default_factory=dict)  # task -> the only methods run on it (default: all asked for)
+
+    def runs_on(self, method: "Method", task: str, num_tasks: int) -> bool:
+        allowed = self.methods.get(task)
+        return (allowed is None or method.name in allowed) and (num_tasks > 1 or not method.multitask_only)
+
+
+PRESETS = {
+    "cpu-small": Preset(seeds=(0, 1, 2), budgets={"text": Budget(45, 16), "vision": Budget(150, 32),
+                                                  "multitask": Budget(150, 32)},
+                        about="the published table: ~13 min on 2 CPU cores"),
+    # Every method runs on the two ViT tasks (cheap); the text task, a MiniLM step costing ~10x a ViT step, runs the
+    # frozen base and one method per family, so the whole preset stays under 3 minutes on 2 cores.
+    "ci": Preset(seeds=(0,), budgets={"text": Budget(40, 16), "vision": Budget(100, 32),
+                                      "multitask": Budget(150, 32)},
+                 text_test_size=200, about="the CI smoke version: < 3 min on 2 CPU cores",
+                 methods={"text": ("frozen", "lora-r4", "ia3", "gated-lora-r16", "hada-ia3", "film", "hypermod")}),
+    "full": Preset(seeds=(0, 1, 2, 3, 4), budgets={"text": Budget(400, 32), "vision": Budget(600, 64),
+                                                   "multitask": Budget(1200, 64)},
+                   text_max_length=32, about="a longer run for a GPU (not measured here)"),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class Method:
+    name: str  # CLI and table name
+    library: str  # "peft", "hadapeft" or "" (the frozen base)
+    kind: str  # which learning rate the adapter gets (LEARNING_RATES)
+    config: Optional[Callable] = None  # (model_type, num_tasks) -> peft config; None: no adapter
+    conditioned: bool = False  # one adapter for all tasks, routed per sample by task_ids
+    multitask_only: bool = False  # identical to another method when there is one task
+
+
+def _targets(table: str, model_type: str):
+    from hadapeft.core import targets
+
+    try:
+        return getattr(targets, table)[model_type]
+    except KeyError:
+        raise SystemExit(f"error: hadapeft has no default {table} target modules for model type {model_type!r}; "
+                         f"this comparison supports {sorted(targets.ATTENTION)}") from None
+
+
+def _lora(r, **kw):
+    def make(model_type, num_tasks):
+        from peft import LoraConfig
+
+        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=_targets("ATTENTION", model_type), **kw)
+    return make
+
+
+def _gated_lora(r, gate):
+    def make(model_type, num_tasks):
+        import hadapeft
+
+        return hadapeft.GatedLoraConfig(r=r, lora_alpha=2 * r, gate=gate,
+                                        target_modules=_targets("ATTENTION", model_type))
+    return make
+
+
+def _ia3(hada: bool, per_task: bool = False):
+    def make(model_type, num_tasks):
+        import hadapeft
+        from peft import IA3Config
+
+        kw = dict(target_modules=_targets("IA3", model_type), feedforward_modules=_targets("IA3_FEEDFORWARD",
+                                                                                              model_type))
+        if not hada:
+            return IA3Config(**kw)
+        return hadapeft.HadaIA3Config(**kw, num_tasks=num_tasks if per_task else None)
+    return make
+
+
+def _film(model_type, num_tasks):
+    import hadapeft
+
+    return hadapeft.FiLMConfig(target_modules=_targets("BLOCK_OUTPUT", model_type), num_tasks=num_tasks)
+
+
+def _hypermod(model_type, num_tasks):
+    import hadapeft
+
+    return hadapeft.HyperModConfig(target_modules=_targets("ATTENTION", model_type), num_tasks=num_tasks, rank=1)
+
+
+METHODS = {m.name: m for m in [
+    Method("frozen", "", "head"),
+    Method("lora-r4", "peft", "matrix", _lora(4)),
+    Method("lora-r16", "peft", "matrix", _lora(16)),
+    Method("ia3", "peft", "vector", _ia3(hada=False)),
+    Method("gated-lora-r4", "hadapeft", "matrix", _gated_lora(4, "vector")),
+    Method("gated-lora-r16", "hadapeft", "matrix", _gated_lora(16, "vector")),
+    Method("gated-lora-r16-scalar", "hadapeft", "matrix", _gated_lora(16, "scalar")),
+    Method("hada-ia3", "hadapeft", "vector", _ia3(hada=True)),
+    Method("hada-ia3-tasks", "hadapeft", "vector", _ia3(hada=True, per_task=True), conditioned=True,
+           multitask_only=True),
+    Method("film", "hadapeft", "vector", _film, conditioned=True),
+    Method("hypermod", "hadapeft", "matrix", _hypermod, conditioned=True),
+]}
+
+
+# ------------------------------------------------------------------------------------------------------------ model
+def build_model(problem: tasks.Problem, method: Method, task_set: list[int], seed: int, device):
+    """A deep copy of the frozen encoder + fresh heads for ``task_set`` (+ the method's adapter): (model, params
+    of the adapter, params of the heads)."""
+    from peft import get_peft_model
+
+    import hadapeft  # noqa: F401  (registers hadapeft's adapter types with peft)
+
+    torch.manual_seed(seed)
+    model = tasks.Classifier(copy.deepcopy(problem.encoder), [problem.num_labels[t] for t in task_set], problem.pool)
+    model.encoder.requires_grad_(False)
+    if method.config is not None:
+        model = get_peft_model(model, method.config(problem.model_type, len(task_set)))
+    head = (model.get_base_model() if method.config is not None else model).head
+    head.requires_grad_(True)  # peft froze it; every method trains the same head
+    head_ids = {id(p) for p in head.parameters()}
+    adapter = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    return model.to(device), adapter, list(head.parameters())
+
+
+def _numel(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+# --------------------------------------------------------------------------------------------------------- training
+def _batch(problem, split, idx, task_pos, task_set, device):
+    inputs = problem.transform({k: v[idx] for k, v in split.inputs.items()})
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    labels = split.labels[idx, torch.tensor(task_set)[task_pos]]
+    return inputs, task_pos.to(device), labels.to(device)
+
+
+def _forward(model, method, inputs, head_ids, labels=None):
+    cond = {"task_ids": head_ids} if method.conditioned else {}
+    return model(head_ids=head_ids, labels=labels, **inputs, **cond)
+
+
+def train(problem, method, model, adapter, head, task_set, budget, lrs, seed, device, measure_memory):
+    """Train for ``budget.steps`` on (sample, task) pairs of ``task_set`` drawn in a seeded random order; returns
+    (per-step seconds, peak bytes of one extra step or None)."""
+    groups = [{"params": head, "lr": lrs["head"]}]
+    if adapter:
+        groups.append({"params": adapter, "lr": lrs[method.kind]})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    warmup = max(1, budget.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (budget.steps - s) / max(1, budget.steps - warmup))))
+    params = head + adapter
+    g = torch.Generator().manual_seed(seed)
+    n, T = len(problem.train), len(task_set)
+
+    def step(idx, pos):
+        inputs, head_ids, labels = _batch(problem, problem.train, idx, pos, task_set, device)
+        loss, _ = _forward(model, method, inputs, head_ids, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    model.train()
+    times, order, at = [], torch.randperm(n * T, generator=g), 0
+    for _ in range(budget.steps):
+        if at + budget.batch_size > len(order):
+            order, at = torch.randperm(n * T, generator=g), 0
+        pairs, at = order[at:at + budget.batch_size], at + budget.batch_size
+        _sync(device)
+        t0 = time.perf_counter()
+        step(pairs // T, pairs % T)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = None
+    if measure_memory:  # after training, so the profiler never touches the measured run
+        pairs = order[:budget.batch_size]
+        peak = peak_bytes(lambda: step(pairs // T, pairs % T), device)
+    return times, peak
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def evaluate(problem, method, model, task_set, device, batch_size=256) -> list[float]:
+    """Held-out accuracy of each task in ``task_set``."""
+    model.eval()
+    accs = []
+    for pos in range(len(task_set)):
+        correct = 0
+        for i in range(0, len(problem.test), batch_size):
+            idx = torch.arange(i, min(i + batch_size, len(problem.test)))
+            inputs, head_ids, labels = _batch(problem, problem.test, idx, torch.full_like(idx, pos), task_set,
+                                              device)
+            _, logits = _forward(model, method, inputs, head_ids)
+            correct += int((model_predict(model, logits, head_ids) == labels).sum())
+        accs.append(correct / len(problem.test))
+    return accs
+
+
+def model_predict(model, logits, head_ids):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.predict(logits, head_ids)
+
+
+def run(problem, method, seed, budget, lrs, device, measure_memory) -> dict:
+    """One (task, method, seed): one model for all tasks, or one per task for a single-task method on a
+    multi-task problem (each trained for steps / T, the step budget is shared)."""
+    all_tasks = list(range(problem.num_tasks))
+    one_per_task = problem.num_tasks > 1 and method.config is not None and not method.conditioned
+    task_sets = [[t] for t in all_tasks] if one_per_task else [all_tasks]
+    sub = replace(budget, steps=budget.steps // len(task_sets))
+    accs, times, peaks, n_adapter, n_head = [], [], [], 0, 0
+    for task_set in task_sets:
+        model, adapter, head = build_model(problem, method, task_set, seed, device)
+        n_adapter, n_head = n_adapter + _numel(adapter), n_head + _numel(head)
+        t, peak = train(problem, method, model, adapter, head, task_set, sub, lrs, seed, device,
+                        measure_memory and not peaks)
+        times += t
+        peaks += [peak] if peak is not None else []
+        accs += evaluate(problem, method, model, task_set, device)
+    return {"task": problem.name, "method": method.name, "seed": seed, "accuracy": statistics.fmean(accs),
+            "task_accuracy": dict(zip(problem.task_names, accs)), "adapter_params": n_adapter,
+            "trainable_params": n_adapter + n_head, "steps": sub.steps * len(task_sets),
+            "s_per_step": statistics.median(times), "step_times": times,
+            "peak_mib": peaks[0] / 2**20 if peaks else None}
+
+
+def linear_probe(problem, device) -> float:
+    """Reference: logistic regression fit to convergence on the frozen encoder's pooled features (mean over tasks)."""
+    from sklearn.linear_model import LogisticRegression
+
+    model = tasks.Classifier(problem.encoder, [1], problem.pool).to(device).eval()
+    feats = {}
+    for name, split in (("train", problem.train), ("test", problem.test)):
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(split), 256):
+                inputs = problem.transform({k: v[i:i + 256] for k, v in split.inputs.items()})
+                hidden = model.encoder(**{k: v.to(device) for k, v in inputs.items()}).last_hidden_state
+                if problem.pool == "mean":
+                    m = inputs["attention_mask"].unsqueeze(-1).to(device, hidden.dtype)
+                    out.append(((hidden * m).sum(1) / m.sum(1)).cpu())
+                else:
+                    out.append(hidden[:, 0].cpu())
+        feats[name] = torch.cat(out).numpy()
+    scores = [LogisticRegression(max_iter=3000).fit(feats["train"], problem.train.labels[:, t].numpy())
+              .score(feats["test"], problem.test.labels[:, t].numpy()) for t in range(problem.num_tasks)]
+    return statistics.fmean(scores)
+
+
+# ------------------------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m scripts.compare", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small", help="steps, batch sizes and seeds")
+    p.add_argument("--out", default="docs", help="folder for results.md, results.png and results.json")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from the default list")
+    p.add_argument("--seeds", default=None, help="comma-separated ints (default: the preset's)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run on every task (default: preset)")
+    p.add_argument("--lr", action="append", default=[], metavar="KIND=VALUE",
+                   help=f"override a learning rate, KIND in {sorted(LEARNING_RATES)}")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
+    p.add_argument("--text-model", default=None,
+                   help="text encoder: local folder, installed model package or Hub id (default: the offline "
+                        "all-MiniLM-L6-v2)")
+    p.add_argument("--text-dataset", default=None,
+                   help="local .jsonl/.csv or Hub data set with 'text' and 'label' columns (default: BBC News)")
+    p.add_argument("--vit-model", default=None,
+                   help="vision encoder: local folder or Hub id, e.g. google/vit-base-patch16-224-in21k (default: "
+                        "a small ViT pretrained here on digits 0-4)")
+    p.add_argument("--cache-dir", default="~/.cache/hadapeft/compare", help="where the pretrained small ViT is kept")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def _pick(given: str, known, what: str) -> list[str]:
+    names = [s.strip() for s in given.split(",") if s.strip()]
+    unknown = [s for s in names if s not in known]
+    if unknown or not names:
+        raise SystemExit(f"error: unknown {what} {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"choose from {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def resolve(args):
+    """Check every argument before anything runs or is written: (tasks, methods, seeds, preset)."""
+    task_names = _pick(args.tasks, TASKS, "task")
+    method_names = _pick(args.methods, list(METHODS), "method")
+    if "frozen" not in method_names:
+        method_names.insert(0, "frozen")  # the floor every row is read against
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    except ValueError:
+        raise SystemExit(f"error: --seeds must be comma-separated integers, got {args.seeds!r}") from None
+    preset = PRESETS[args.preset]
+    if seeds:
+        preset = replace(preset, seeds=tuple(seeds))
+    if args.steps is not None:
+        if args.steps < 1:
+            raise SystemExit(f"error: --steps must be positive, got {args.steps}")
+        preset = replace(preset, budgets={k: replace(b, steps=args.steps) for k, b in preset.budgets.items()})
+    lrs = dict(preset.learning_rates)
+    for item in args.lr:
+        kind, _, value = item.partition("=")
+        try:
+            if kind not in lrs:
+                raise ValueError
+            lrs[kind] = float(value)
+        except ValueError:
+            raise SystemExit(f"error: --lr {item!r}: expected KIND=VALUE with KIND in {sorted(lrs)}") from None
+    preset = replace(preset, learning_rates=lrs)
+    try:
+        torch.device(args.device)
+    except RuntimeError as e:
+        raise SystemExit(f"error: --device {args.device!r}: {e}") from None
+    return task_names, [METHODS[m] for m in method_names], preset
+
+
+def load_problems(task_names, args, preset, log) -> list[tasks.Problem]:
+    problems = []
+    if "text" in task_names:
+        problems.append(tasks.text_problem(args.text_model, args.text_dataset, preset.text_max_length,
+                                           preset.text_test_size))
+    if {"vision", "multitask"} & set(task_names):
+        encoder, name = tasks.vit_encoder(args.vit_model, Path(args.cache_dir), log)
+        if "vision" in task_names:
+            problems.append(tasks.vision_problem(encoder, name))
+        if "multitask" in task_names:
+            problems.append(tasks.multitask_problem(encoder, name))
+    return problems
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    task_names, methods, preset = resolve(args)
+    import transformers
+    from tqdm.auto import tqdm
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    problems = load_problems(task_names, args, preset, print)
+    device = torch.device(args.device)
+    jobs = [(p, m, s) for p in problems for m in methods if preset.runs_on(m, p.name, p.num_tasks)
+            for s in preset.seeds]
+    rows, probes = [], {p.name: linear_probe(p, device) for p in problems}
+    bar = tqdm(jobs, desc="compare", unit="run", dynamic_ncols=True, disable=args.no_progress)
+    for problem, method, seed in bar:
+        bar.set_postfix_str(f"{problem.name} {method.name} seed {seed}")
+        row = run(problem, method, seed, preset.budgets[problem.name], preset.learning_rates, device,
+                  seed == preset.seeds[0])
+        rows.append(row)
+        bar.write(f"{problem.name:9s} {method.name:22s} seed {seed}: accuracy {row['accuracy']:.4f}, "
+                  f"{row['s_per_step'] * 1e3:.0f} ms/step")
+    bar.close()
+    meta = report.metadata(args, argv, preset, problems, probes, time.perf_counter() - t_start)
+    return report.write_all(Path(args.out), rows, meta, [m.name for m in methods],
+                            {m.name: m.library for m in methods})
+
+
+if __name__ == "__main__":
+    main()
