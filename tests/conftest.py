@@ -56,3 +56,30 @@ def logits(model, inputs) -> torch.Tensor:
 def _deterministic():
     torch.manual_seed(1234)
     yield
+
+
+# --- ops and kernels against the fp64 formula (tests/test_ops.py, tests/test_kernels.py) ------------------------
+def check_against_fp64(name, out, eager, ref, dtype, ulps):
+    """``|out − ref64| ≤ 2 · |eager − ref64| + floor`` (flash-attn's rule): eager is the same formula in the input
+    dtype through plain autograd, floor a few ulps of the output's magnitude."""
+    assert out.dtype == eager.dtype, f"{name}: dtype {out.dtype} != eager {eager.dtype}"
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = (out.double() - ref).abs().max().item()
+    eager_err = (eager.double() - ref).abs().max().item()
+    floor = ulps * torch.finfo(dtype).eps * max(ref.abs().max().item(), 1e-3)
+    assert err <= 2 * eager_err + floor, f"{name}: error {err:.3e} > 2 × eager {eager_err:.3e} + {floor:.1e}"
+
+
+def outputs_and_grads(fn, inputs, dy):
+    y = fn(*inputs)
+    return (y, *torch.autograd.grad(y, inputs, dy.to(y.dtype)))
+
+
+def op_eager_fp64(fn, ref_fn, inputs, dy):
+    """Outputs and gradients of ``fn``, the eager same-dtype formula and the fp64 formula. ``fn(*inputs)`` and
+    ``ref_fn(*inputs, upcast=...)`` take the differentiable inputs; the fp64 run gets fp64 leaves, so that its
+    gradients are not rounded back to the input dtype."""
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    return (outputs_and_grads(fn, inputs, dy),
+            outputs_and_grads(lambda *a: ref_fn(*a, upcast=False), inputs, dy),
+            outputs_and_grads(lambda *a: ref_fn(*a, upcast=True), inputs64, dy))

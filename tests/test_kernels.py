@@ -32,6 +32,7 @@ in_process = pytest.mark.skipif(SUBPROCESS, reason="triton was imported without 
 triton = pytest.importorskip("triton")
 
 import hadapeft.kernels as kernels  # noqa: E402
+from conftest import check_against_fp64, op_eager_fp64  # noqa: E402
 from hadapeft.kernels.gated_lora import gated_lora_triton  # noqa: E402
 from hadapeft.kernels.modulate import modulated_linear_triton  # noqa: E402
 from hadapeft.ops.gated_lora import gated_lora_ref  # noqa: E402
@@ -57,33 +58,13 @@ def test_in_interpreter_subprocess():
 
 
 def _check(name, out, eager, ref, dtype, ulps):
-    assert out.dtype == eager.dtype, f"{name}: dtype {out.dtype} != eager {eager.dtype}"
-    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten output?)"
-    err = (out.double() - ref).abs().max().item()
-    eager_err = (eager.double() - ref).abs().max().item()
-    floor = ulps * torch.finfo(dtype).eps * max(ref.abs().max().item(), 1e-3)
-    assert err <= 2 * eager_err + floor, f"{name}: kernel error {err:.3e} > 2 × eager {eager_err:.3e} + {floor:.1e}"
-
-
-def _run_with_grads(fn, inputs, dy):
-    y = fn(*inputs)
-    return (y, *torch.autograd.grad(y, inputs, dy.to(y.dtype)))
-
-
-def _kernel_eager_ref(fn, ref_fn, inputs, dy):
-    """Outputs and gradients of the kernel, the eager same-dtype formula and the fp64 formula. ``fn(*inputs)`` and
-    ``ref_fn(*inputs, upcast=...)`` take the differentiable inputs; the fp64 run gets fp64 leaves, so that its
-    gradients are not rounded back to the input dtype."""
-    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
-    return (_run_with_grads(fn, inputs, dy),
-            _run_with_grads(lambda *a: ref_fn(*a, upcast=False), inputs, dy),
-            _run_with_grads(lambda *a: ref_fn(*a, upcast=True), inputs64, dy))
+    check_against_fp64(name, out, eager, ref, dtype, ulps)
 
 
 def _compare(fn, ref_fn, inputs, dy, dtype, ulps, names):
     """Kernel vs eager vs fp64 reference, forward and backward, on the same inputs."""
-    for name, out, eager, ref in zip(["y"] + names, *_kernel_eager_ref(fn, ref_fn, inputs, dy)):
+    for name, out, eager, ref in zip(["y"] + names, *op_eager_fp64(fn, ref_fn, inputs, dy)):
         _check(name, out, eager, ref, dtype, ulps)
 
 
@@ -310,7 +291,7 @@ class TestBf16Cuda:
     @staticmethod
     def _compare_bf16(fn, ref_fn, inputs, dy, names):
         # Relative (norm) error; the floor is one bf16 ulp, for the scalar gate's single-number gradient.
-        for name, out, eager, ref in zip(["y"] + names, *_kernel_eager_ref(fn, ref_fn, inputs, dy)):
+        for name, out, eager, ref in zip(["y"] + names, *op_eager_fp64(fn, ref_fn, inputs, dy)):
             assert torch.isfinite(out).all(), name
             err, eager_err = _rel_err(out, ref), _rel_err(eager, ref)
             assert err <= 2 * eager_err + 2.0 ** -8, f"{name}: kernel {err:.3e} vs eager {eager_err:.3e}"

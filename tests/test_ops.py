@@ -11,6 +11,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import check_against_fp64, op_eager_fp64
 
 from hadapeft.ops import reduce
 from hadapeft.ops.gated_lora import gated_lora_ref, gated_lora_torch
@@ -26,26 +27,9 @@ def block(request, monkeypatch):
     return request.param
 
 
-def _check(name, out, eager, ref, dtype, ulps):
-    assert out.dtype == eager.dtype and out.shape == ref.shape, name
-    err = (out.double() - ref).abs().max().item()
-    eager_err = (eager.double() - ref).abs().max().item()
-    floor = ulps * torch.finfo(dtype).eps * max(ref.abs().max().item(), 1e-3)
-    assert err <= 2 * eager_err + floor, f"{name}: op error {err:.3e} > 2 × eager {eager_err:.3e} + {floor:.1e}"
-
-
-def _grads(fn, inputs, dy):
-    y = fn(*inputs)
-    return (y, *torch.autograd.grad(y, inputs, dy.to(y.dtype)))
-
-
 def _compare(fn, ref_fn, inputs, dy, dtype, ulps, names):
-    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
-    got = _grads(fn, inputs, dy)
-    eager = _grads(lambda *a: ref_fn(*a, upcast=False), inputs, dy)
-    ref = _grads(lambda *a: ref_fn(*a, upcast=True), inputs64, dy)
-    for name, o, e, r in zip(["y"] + names, got, eager, ref):
-        _check(name, o, e, r, dtype, ulps)
+    for name, out, eager, ref in zip(["y"] + names, *op_eager_fp64(fn, ref_fn, inputs, dy)):
+        check_against_fp64(name, out, eager, ref, dtype, ulps)
 
 
 def _rand(*shape, dtype, scale=1.0, offset=0.0, grad=True):

@@ -114,19 +114,15 @@ class HadaLayer(nn.Module, BaseTunerLayer):
         active = [a for a in self.active_adapters if self.owns(a)]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = frozen.compute_dtype(self.get_base_layer(), self.base_kind, x, autocast)
+        dtype = frozen.compute_dtype(self.get_base_layer(), self.base_kind, x)
         x = x.to(dtype)
         # Dense bases go through the fused ops (inner=None). Quantized bases keep their own forward (bitsandbytes'
         # int8 / 4-bit matmul, which re-dequantizes in backward) so QLoRA's memory profile is preserved: a fused op
         # would have to hold a dequantized copy of W until backward.
-        dense = self.base_kind in ("linear", "conv1d")
-        if dense and len(active) == 1 and not autocast:  # the common case, without per-call wrappers
-            return self.adapter_forward(active[0], x, None, dtype)
-        fn: Optional[Callable] = None if dense else self.base_layer
+        fn: Optional[Callable] = None if self.base_kind in ("linear", "conv1d") else self.base_layer
         for name in active:  # each adapter modulates the map built so far
             fn = _Bound(self, name, fn, dtype)
-        if not autocast:
+        if not torch.is_autocast_enabled(x.device.type):  # entering an autocast context costs host time per call
             return fn(x)
         with torch.autocast(x.device.type, enabled=False):  # the ops run in `dtype`, as the base layer would
             return fn(x)
