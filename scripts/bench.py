@@ -18,7 +18,8 @@ weight is frozen), for each case:
 
 hadapeft ops are called at the op level (``hadapeft.ops``), peft through its layer; x is (4, tokens / 4, d_in).
 Time: median over many repeats after a warm-up, cycling through several preallocated inputs and output gradients
-(so no case runs from a warm cache); CUDA events on GPU, ``time.perf_counter`` on CPU.
+(so no case runs from a warm cache); CUDA events on GPU, ``time.perf_counter`` on CPU, where the cases of a shape take
+turns repeat by repeat so that a slow spell of a shared machine slows every case alike.
 Memory, two figures:
     peak   the most memory allocated at any moment of one forward + backward beyond what existed before it (inputs,
            weights): the output, saved activations, temporaries and gradients (``scripts/memory.py``: the CUDA
@@ -182,8 +183,9 @@ def _graph_time(step, rotate, repeats):
         torch.cuda.empty_cache()
 
 
-def measure(fn, params, frozen, d_in, d_out, tokens, dtype, device, warmup, repeats, rotate, profile=None,
-            graphs=True):
+def make_step(fn, params, d_in, d_out, tokens, dtype, device, rotate):
+    """(step, inputs): ``step(i)`` runs one forward + backward of ``fn`` on the i-th of ``rotate`` preallocated
+    input / output-gradient sets."""
     L = tokens // BATCH
     xs = [torch.randn(BATCH, L, d_in, device=device, dtype=dtype).requires_grad_() for _ in range(rotate)]
     dys = [torch.randn(BATCH, L, d_out, device=device, dtype=dtype) for _ in range(rotate)]
@@ -192,12 +194,33 @@ def measure(fn, params, frozen, d_in, d_out, tokens, dtype, device, warmup, repe
         x = xs[i % rotate]
         y = fn(x)
         torch.autograd.grad(y, [x] + params, dys[i % rotate])
+    return step, xs
 
-    for i in range(warmup):
-        step(i)
-    _sync(device)
-    times, cpu_times = [], []
-    if device.type == "cuda":
+
+def interleaved_cpu_times(steps, warmup, repeats):
+    """Per step function, the milliseconds of each repeat, the functions taking turns repeat by repeat: a machine
+    that slows down for a while (another tenant, clock changes) slows every case alike, so the ratios of one run
+    hold even when its absolute times drift."""
+    for step in steps:
+        for i in range(warmup):
+            step(i)
+    times = [[] for _ in steps]
+    for i in range(repeats):
+        for k, step in enumerate(steps):
+            t0 = time.perf_counter()
+            step(i)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def measure(fn, params, frozen, step, xs, device, warmup, repeats, rotate, profile=None, graphs=True, times=None):
+    """Time (unless ``times`` were taken already), peak memory and saved bytes of one case."""
+    times, cpu_times = list(times or []), []
+    if not times:
+        for i in range(warmup):
+            step(i)
+        _sync(device)
+    if not times and device.type == "cuda":
         # Steps back to back, an event between each two: a layer inside a model runs while the CPU is already
         # queueing the next ones, so per-step launch latency is hidden but a CPU-bound step still shows.
         events = [torch.cuda.Event(enable_timing=True) for _ in range(repeats + 1)]
@@ -209,7 +232,7 @@ def measure(fn, params, frozen, d_in, d_out, tokens, dtype, device, warmup, repe
             events[i + 1].record()
         events[-1].synchronize()
         times = [events[i].elapsed_time(events[i + 1]) for i in range(repeats)]
-    else:
+    elif not times:
         for i in range(repeats):
             t0 = time.perf_counter()
             step(i)
@@ -255,6 +278,35 @@ def backends_available(device):
     return ["torch", "triton"] if device.type == "cuda" else ["torch"]
 
 
+def _measure_group(cases, args, d_in, d_out, tokens, dtype, device, warmup, repeats, rotate) -> dict:
+    """{(name, backend): measurement} for cases built side by side; a case that fails reports its error."""
+    built, results = [], {}
+    for name, backend in cases:
+        try:
+            fn, params, frozen = make_case(name, backend, d_in, d_out, dtype, device)
+            built.append((name, backend, fn, params, frozen, *make_step(fn, params, d_in, d_out, tokens, dtype,
+                                                                         device, rotate)))
+        except Exception as e:  # keep the sweep going; the table says what failed
+            results[name, backend] = dict(ms=None, error=f"{type(e).__name__}: {e}"[:200])
+    times = {}
+    if device.type == "cpu" and len(built) > 1:
+        try:
+            times = dict(zip([b[:2] for b in built], interleaved_cpu_times([b[5] for b in built], warmup, repeats)))
+        except Exception:  # a case fails: time them one after another, so the others still report
+            times = {}
+    for name, backend, fn, params, frozen, step, xs in built:
+        try:
+            prof = [] if args.profile else None
+            results[name, backend] = measure(fn, params, frozen, step, xs, device, warmup, repeats, rotate, prof,
+                                             times=times.get((name, backend)))
+            if prof:
+                with open(args.profile, "a") as f:
+                    f.write(f"\n### {d_in}x{d_out} {tokens} {name} {backend}\n{prof[0]}\n")
+        except Exception as e:  # keep the sweep going; the table says what failed
+            results[name, backend] = dict(ms=None, error=f"{type(e).__name__}: {e}"[:200])
+    return results
+
+
 def run_layers(args, device, dtype):
     preset = PRESETS[args.preset]
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else preset["shapes"]
@@ -266,21 +318,17 @@ def run_layers(args, device, dtype):
     for d_in, d_out in shapes:
         for tokens in tokens_list:
             cases = [(b, None) for b in BASELINES] + [(op, be) for op in args.op for be in backends]
-            base_res = None
-            for name, backend in cases:
-                fn, params, frozen = make_case(name, backend, d_in, d_out, dtype, device)
-                try:
-                    prof = [] if args.profile else None
-                    res = measure(fn, params, frozen, d_in, d_out, tokens, dtype, device, warmup, repeats, rotate,
-                                  prof)
-                    if prof:
-                        with open(args.profile, "a") as f:
-                            f.write(f"\n### {d_in}x{d_out} {tokens} {name} {backend}\n{prof[0]}\n")
-                except Exception as e:  # keep the sweep going; the table says what failed
-                    res = dict(ms=None, error=f"{type(e).__name__}: {e}"[:200])
-                del fn, params, frozen
+            results = {}
+            # On CPU the cases are built together and take turns repeat by repeat (interleaved_cpu_times); on GPU
+            # one at a time, so only one case's inputs occupy memory.
+            for group in [cases] if device.type == "cpu" else [[c] for c in cases]:
+                results.update(_measure_group(group, args, d_in, d_out, tokens, dtype, device, warmup, repeats,
+                                              rotate))
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+            base_res = None
+            for name, backend in cases:
+                res = results[name, backend]
                 if name == "base":
                     base_res = res
                 row = dict(shape=f"{d_in}x{d_out}", d_in=d_in, d_out=d_out, tokens=tokens, case=name,
@@ -498,11 +546,12 @@ def layer_markdown(env, rows, args):
              + (f"; load average at start {env['load_average_1min']}" if "load_average_1min" in env else "")
              + "; forward + backward (grad of x and of the "
              f"adapter parameters, base frozen); batch {BATCH} × tokens/{BATCH}; r = {RANK}. "
-             "Median of repeats, rotating inputs (GPU: steps back to back, CUDA events between steps). `× base`: "
-             "time over the frozen nn.Linear alone in the same run. `graph`: the same step replayed from CUDA "
-             "graphs, i.e. GPU time without host launch overhead. `peak`: extra memory during one forward + "
-             "backward (CUDA allocator peak on GPU, profiler memory timeline on CPU); `saved`: output + tensors saved for backward (see scripts/bench.py); `CPU ms`: host time "
-             "to issue one step (a step is CPU-bound when this reaches `ms`).", ""]
+             "Median of repeats, rotating inputs (GPU: steps back to back, CUDA events between steps; CPU: the "
+             "cases of a shape take turns repeat by repeat). `× base`: time over the frozen nn.Linear alone in the "
+             "same run. `graph`: the same step replayed from CUDA graphs, i.e. GPU time without host launch "
+             "overhead. `peak`: extra memory during one forward + backward (CUDA allocator peak on GPU, profiler "
+             "memory timeline on CPU); `saved`: output + tensors saved for backward (see scripts/bench.py); "
+             "`CPU ms`: host time to issue one step (a step is CPU-bound when this reaches `ms`).", ""]
     for (shape, tokens) in dict.fromkeys((r["shape"], r["tokens"]) for r in rows):
         lines += [f"## {shape} (d_in x d_out), {tokens} tokens", "",
                   "| case | backend | ms | × base | graph ms | graph × base | peak MiB | peak × base | saved MiB "

@@ -53,3 +53,22 @@ def test_bench_writes_table_json_and_cpu_targets(tmp_path):
     for name in ("cpu gated_lora 64x96 32 ≤ 1.10× peft_lora time", "cpu ia3 64x96 32 peak ≤ peft_ia3 peak",
                  "cpu ia3_ff 64x96 32 ≤ 1.00× peft_ia3_ff time"):
         assert name in md, name
+
+
+def test_cpu_cases_take_turns_repeat_by_repeat():
+    """After each case's warm-up, repeat i of every case runs before repeat i + 1 of any: a slow spell of a shared
+    machine lands on all cases, not on whichever case was running. Each case gets its own times, in order."""
+    import time
+
+    log = []
+
+    def case(k, pause):
+        def step(i):
+            log.append((k, i))
+            time.sleep(pause)
+        return step
+
+    times = bench.interleaved_cpu_times([case(0, 0.0), case(1, 0.02), case(2, 0.0)], warmup=2, repeats=3)
+    assert log == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)] + [(k, i) for i in range(3) for k in range(3)]
+    assert [len(t) for t in times] == [3, 3, 3]
+    assert min(times[1]) >= 20 and max(times[0]) < 20 and max(times[2]) < 20
