@@ -3,7 +3,7 @@
 A *problem* is a frozen pretrained encoder plus inputs labelled for one or more tasks (``labels[i, t]`` is sample
 i's label for task t). Three are built here:
 
-* ``text``   -- all-MiniLM-L6-v2 (or ``--text-model``) on BBC News sections from 12-word windows of the articles.
+* ``text``   -- all-MiniLM-L6-v2 (or ``--text-model``) on BBC News sections from 10-word windows of the articles.
 * ``vision`` -- a small ViT pretrained here on digits 0-4 (or ``--vit-model``), adapted to digits 5-9.
 * ``multitask`` -- the same ViT on all ten digits with three labellings (digit, parity, digit mod 3).
 """
@@ -55,18 +55,21 @@ class Classifier(nn.Module):
         self.register_buffer("mask", mask, persistent=False)  # (T, sum C)
 
     def forward(self, head_ids, labels=None, **inputs):
-        hidden = self.encoder(**inputs).last_hidden_state  # (B, L, H)
-        if self.pool == "mean":
-            m = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        else:
-            pooled = hidden[:, 0]
+        pooled = pool(self.encoder(**inputs).last_hidden_state, inputs.get("attention_mask"), self.pool)
         logits = self.head(pooled).masked_fill(~self.mask[head_ids], float("-inf"))  # (B, sum C)
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels + self.offsets[head_ids])
         return loss, logits
 
     def predict(self, logits, head_ids):
         return logits.argmax(-1) - self.offsets[head_ids]
+
+
+def pool(hidden, attention_mask, how: str):
+    """(B, L, H) -> (B, H): mean over the unmasked tokens (``"mean"``) or the first token (``"cls"``)."""
+    if how == "mean":
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return hidden[:, 0]
 
 
 # ---------------------------------------------------------------------------------------------------------- problem

@@ -213,14 +213,13 @@ def interleaved_cpu_times(steps, warmup, repeats):
     return times
 
 
-def measure(fn, params, frozen, step, xs, device, warmup, repeats, rotate, profile=None, graphs=True, times=None):
-    """Time (unless ``times`` were taken already), peak memory and saved bytes of one case."""
-    times, cpu_times = list(times or []), []
-    if not times:
-        for i in range(warmup):
-            step(i)
-        _sync(device)
-    if not times and device.type == "cuda":
+def sequential_times(step, device, warmup, repeats):
+    """(ms per repeat, host ms per repeat or []) of one case timed alone, after its warm-up."""
+    for i in range(warmup):
+        step(i)
+    _sync(device)
+    times, cpu_times = [], []
+    if device.type == "cuda":
         # Steps back to back, an event between each two: a layer inside a model runs while the CPU is already
         # queueing the next ones, so per-step launch latency is hidden but a CPU-bound step still shows.
         events = [torch.cuda.Event(enable_timing=True) for _ in range(repeats + 1)]
@@ -232,11 +231,17 @@ def measure(fn, params, frozen, step, xs, device, warmup, repeats, rotate, profi
             events[i + 1].record()
         events[-1].synchronize()
         times = [events[i].elapsed_time(events[i + 1]) for i in range(repeats)]
-    elif not times:
+    else:
         for i in range(repeats):
             t0 = time.perf_counter()
             step(i)
             times.append((time.perf_counter() - t0) * 1e3)
+    return times, cpu_times
+
+
+def measure(fn, params, frozen, step, xs, device, warmup, repeats, rotate, profile=None, graphs=True, times=None):
+    """Time (unless ``times`` were taken already), peak memory and saved bytes of one case."""
+    times, cpu_times = (times, []) if times else sequential_times(step, device, warmup, repeats)
 
     graph_ms = None
     if device.type == "cuda" and graphs:

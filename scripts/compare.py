@@ -333,17 +333,14 @@ class Probe:
 
 
 def pooled_features(problem, split, device, batch_size=256) -> torch.Tensor:
-    model = tasks.Classifier(problem.encoder, [1], problem.pool).to(device).eval()
-    out = []
+    """The frozen encoder's pooled features of ``split``, pooled as the classifier pools them."""
+    encoder, out = problem.encoder.to(device).eval(), []
     with torch.inference_mode():
         for i in range(0, len(split), batch_size):
             inputs = problem.transform({k: v[i:i + batch_size] for k, v in split.inputs.items()})
-            hidden = model.encoder(**{k: v.to(device) for k, v in inputs.items()}).last_hidden_state
-            if problem.pool == "mean":
-                m = inputs["attention_mask"].unsqueeze(-1).to(device, hidden.dtype)
-                out.append(((hidden * m).sum(1) / m.sum(1)).cpu())
-            else:
-                out.append(hidden[:, 0].cpu())
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            out.append(tasks.pool(encoder(**inputs).last_hidden_state, inputs.get("attention_mask"),
+                                  problem.pool).cpu())
     return torch.cat(out)
 
 
