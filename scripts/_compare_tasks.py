@@ -153,8 +153,8 @@ def text_problem(model: Optional[str], dataset: Optional[str], max_length: int, 
     if not dataset and windows > 1:
         about += (" Why windows: a linear probe on the frozen MiniLM features of whole 64-token articles already "
                   "scores ~0.96, leaving nothing for an adapter to add; on 10-word windows (16 tokens) it scores "
-                  "~0.78, so the encoder's features are the bottleneck, and ten windows a text give ten times the "
-                  "held-out samples of one snippet (a smaller standard error: ~0.7 points instead of ~1.4 on 400).")
+                  "~0.78, so the encoder's features are the bottleneck; and several windows a text give several "
+                  "times the held-out samples of one snippet (a smaller standard error).")
     return Problem("text", about, encoder, "mean", ["section"], [len(names)], train, test,
                    model_name=str(model or "sentence-transformers/all-MiniLM-L6-v2 (offline)"))
 
