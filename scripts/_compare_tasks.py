@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -77,9 +77,14 @@ def pool(hidden, attention_mask, how: str):
 class Split:
     inputs: dict  # name -> tensor with the samples as first dimension
     labels: torch.Tensor  # (N, T) long
+    groups: Optional[torch.Tensor] = None  # (N,) the source each sample comes from (a text's windows); None: itself
 
     def __len__(self):
         return len(self.labels)
+
+    def take(self, idx: torch.Tensor) -> "Split":
+        return Split({k: v[idx] for k, v in self.inputs.items()}, self.labels[idx],
+                     None if self.groups is None else self.groups[idx])
 
 
 @dataclass
@@ -102,6 +107,21 @@ class Problem:
     @property
     def model_type(self) -> str:
         return self.encoder.config.model_type
+
+
+def validation_problem(problem: Problem, fraction: float = 0.2) -> Problem:
+    """The problem with its held-out split replaced by a validation split: ``fraction`` of the training sources (whole
+    texts for windowed text, else samples) held out by a fixed permutation. Learning rates are picked on this, so
+    the held-out split that the table reports never steers a choice."""
+    train = problem.train
+    groups = train.groups if train.groups is not None else torch.arange(len(train))
+    sources = groups.unique()
+    held = sources[torch.randperm(len(sources), generator=torch.Generator().manual_seed(DATA_SEED))]
+    held = held[:max(1, round(fraction * len(sources)))]
+    is_held = torch.isin(groups, held)
+    if is_held.all():
+        raise ValueError(f"{problem.name}: too few training sources ({len(sources)}) for a validation split")
+    return replace(problem, train=train.take(torch.where(~is_held)[0]), test=train.take(torch.where(is_held)[0]))
 
 
 # -------------------------------------------------------------------------------------------------------------- text
@@ -136,12 +156,13 @@ def text_problem(model: Optional[str], dataset: Optional[str], max_length: int, 
 
     def split(x, y):
         # up to ``windows`` consecutive word windows of each text, from word ``offset`` on, each labelled as its text
-        pieces = [(" ".join(w[offset + k * step:offset + (k + 1) * step]), label) for t, label in zip(x, y)
-                  for w in [t.split()] for k in range(windows) if offset + k * step < len(w)]
-        x, y = [p[0] for p in pieces], [p[1] for p in pieces]
+        pieces = [(" ".join(w[offset + k * step:offset + (k + 1) * step]), label, i)
+                  for i, (t, label) in enumerate(zip(x, y)) for w in [t.split()] for k in range(windows)
+                  if offset + k * step < len(w)]
+        x, y, g = ([p[j] for p in pieces] for j in range(3))
         enc = tok(x, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
         return Split({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
-                     torch.tensor(y).unsqueeze(1))
+                     torch.tensor(y).unsqueeze(1), torch.tensor(g))
 
     train, test = split(tr_x, tr_y), split(te_x, te_y)
     cut = (f"each text cut into up to {windows} consecutive windows of {step} words (at most {max_length} tokens), "

@@ -115,6 +115,9 @@ def test_text_windows_are_split_by_text(tmp_path):
     (["--text-tokens", "2"], r"--text-tokens must be at least 3"),
     (["--text-windows", "0"], r"--text-windows must be at least 1, got 0"),
     (["--text-offset", "-1"], r"--text-offset must be 0 or more, got -1"),
+    (["--tune", "1e-3,0"], r"--tune must be comma-separated positive learning rates, got '1e-3,0'"),
+    (["--tune", "fast"], r"--tune must be comma-separated positive learning rates, got 'fast'"),
+    (["--method-lrs", "no_such_lrs.json"], r"--method-lrs 'no_such_lrs.json' does not exist"),
     (["--tasks", "vision", "--vit-model", "/no/such/vit"], r"could not load '/no/such/vit'"),
     (["--tasks", "text", "--text-dataset", "no_such_file.jsonl"], r"data file no_such_file.jsonl does not exist"),
 ])
@@ -134,3 +137,88 @@ def test_hub_ids_are_accepted_and_fail_clearly_offline(tmp_path):
     assert proc.returncode != 0
     assert "could not load 'google/vit-base-patch16-224-in21k'" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_method_lrs_file_that_is_not_from_tune_fails_clearly(tmp_path):
+    bad = tmp_path / "lrs.json"
+    for text, message in [("{", "is not a tuned_lrs.json"), ('{"choice": {"vision": {"lora-r99": {"lr": 1}}}}',
+                                                                 "names unknown tasks or methods: \\['lora-r99'\\]")]:
+        bad.write_text(text)
+        with pytest.raises(SystemExit, match=message):
+            compare.main(["--method-lrs", str(bad), "--out", str(tmp_path / "out"), "--no-progress"])
+        assert not (tmp_path / "out").exists()
+
+
+def _random_vit(path, layers=1):
+    from transformers import ViTConfig, ViTModel
+
+    from scripts import _compare_tasks as tasks
+
+    torch.manual_seed(0)
+    encoder = ViTModel(ViTConfig(**{**tasks.VIT_CONFIG, "num_hidden_layers": layers}), add_pooling_layer=False)
+    encoder.save_pretrained(str(path))
+    return encoder
+
+
+def test_validation_split_holds_out_whole_sources(tmp_path):
+    """The validation split used by --tune comes from the training split only: whole texts for windowed text (no
+    text lends windows to both sides), single samples otherwise; ~20% held out, nothing lost or duplicated."""
+    from scripts import _compare_tasks as tasks
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join([f"w{k}"] * (5 + 7 * k)), "label": f"c{k % 2}"}) + "\n"
+                            for k in range(30)))
+    problem = tasks.text_problem(None, str(data), max_length=16, test_size=5, windows=3)
+    val = tasks.validation_problem(problem)
+    train_g, val_g = set(val.train.groups.tolist()), set(val.test.groups.tolist())
+    assert not train_g & val_g and train_g | val_g == set(problem.train.groups.tolist())
+    assert len(val_g) == round(0.2 * len(train_g | val_g))
+    assert len(val.train) + len(val.test) == len(problem.train)
+    rows = lambda split: sorted(map(tuple, split.inputs["input_ids"].tolist()))  # noqa: E731
+    assert rows(val.train) + rows(val.test) != [] and sorted(rows(val.train) + rows(val.test)) == rows(problem.train)
+
+    vision = tasks.vision_problem(_random_vit(tmp_path / "vit"), "random ViT")
+    val = tasks.validation_problem(vision)
+    assert (len(val.train), len(val.test)) == (len(vision.train) - round(0.2 * len(vision.train)),
+                                               round(0.2 * len(vision.train)))
+    key = lambda split: sorted(map(tuple, split.inputs["pixel_values"].flatten(1).tolist()))  # noqa: E731
+    assert sorted(key(val.train) + key(val.test)) == key(vision.train)
+
+
+def test_tune_picks_the_best_validation_rate_and_the_table_uses_it(tmp_path, monkeypatch):
+    """--tune trains each adapter with each grid rate on the validation split (never on the held-out split) and
+    keeps the best; --method-lrs then runs the table with those rates and says so."""
+    _random_vit(tmp_path / "vit")
+    seen = []
+    evaluate = compare.evaluate
+
+    def spy(problem, *a, **kw):
+        seen.append(len(problem.test))
+        return evaluate(problem, *a, **kw)
+    monkeypatch.setattr(compare, "evaluate", spy)
+    common = ["--tasks", "vision", "--methods", "ia3,lora-r4", "--seeds", "0", "--steps", "8",
+              "--vit-model", str(tmp_path / "vit"), "--no-progress"]
+    threads = torch.get_num_threads()
+    try:
+        result = compare.main([*common, "--tune", "1e-1,1e-5", "--out", str(tmp_path / "tune")])
+        n_val = round(0.2 * 627)
+        assert seen and set(seen) == {n_val}, "tuning must evaluate on the validation split only"
+        choice = json.loads((tmp_path / "tune" / "tuned_lrs.json").read_text())
+        assert choice == json.loads(json.dumps(result)) and choice["grid"] == [1e-5, 1e-1]
+        for method in ("ia3", "lora-r4"):
+            c = choice["choice"]["vision"][method]
+            scores = c["validation_accuracy"]
+            assert set(scores) == {"1e-05", "0.1"}
+            best = max(scores.values())
+            assert c["lr"] == min(float(lr) for lr, a in scores.items() if a == best)
+        assert "frozen" not in choice["choice"]["vision"]
+        table = compare.main([*common, "--method-lrs", str(tmp_path / "tune" / "tuned_lrs.json"),
+                              "--out", str(tmp_path / "table")])
+    finally:
+        torch.set_num_threads(threads)
+    rows = {r["method"]: r for r in table["runs"]}
+    assert rows["ia3"]["learning_rate"] == choice["choice"]["vision"]["ia3"]["lr"]
+    assert rows["lora-r4"]["learning_rate"] == choice["choice"]["vision"]["lora-r4"]["lr"]
+    assert rows["frozen"]["learning_rate"] == compare.LEARNING_RATES["head"]
+    md = (tmp_path / "table" / "results.md").read_text()
+    assert "picked on a validation split" in md and f"`ia3` {rows['ia3']['learning_rate']:g}" in md
