@@ -44,12 +44,16 @@ def versions() -> dict:
             "peft": peft.__version__, "hadapeft": hadapeft.__version__, "scikit-learn": sklearn.__version__}
 
 
+def command(argv) -> str:
+    """The command line that ran the script (``argv`` None: this process's own)."""
+    return " ".join(["python -m scripts.compare", *(sys.argv[1:] if argv is None else argv)])
+
+
 def metadata(args, argv, preset, problems, probes, wall_s) -> dict:
     import torch
 
     device = torch.device(args.device)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return {"command": " ".join(["python -m scripts.compare", *argv]),
+    return {"command": command(argv),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "hardware": hardware(device), "device": str(device), "versions": versions(), "wall_s": wall_s,
             "preset": args.preset, "seeds": list(preset.seeds), "learning_rates": preset.learning_rates,

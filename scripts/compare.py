@@ -51,7 +51,6 @@ import copy
 import json
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -100,10 +99,11 @@ class Preset:
     method_lrs: dict = field(default_factory=dict)  # task -> method -> adapter learning rate (from --tune)
     method_lrs_file: Optional[Path] = None  # read into method_lrs unless --method-lrs says otherwise
 
-    def learning_rates_for(self, task: str, method: "Method") -> dict:
-        """The preset's rates, with the method's adapter rate replaced by its tuned one for ``task`` if any."""
-        tuned = self.method_lrs.get(task, {}).get(method.name)
-        return self.learning_rates if tuned is None else {**self.learning_rates, method.kind: tuned}
+    def learning_rates_for(self, task: str, method: "Method", lr: Optional[float] = None) -> dict:
+        """The preset's rates, with the method's adapter rate replaced by ``lr`` (a rate ``--tune`` tries) or else
+        by its tuned one for ``task`` if any."""
+        lr = self.method_lrs.get(task, {}).get(method.name) if lr is None else lr
+        return self.learning_rates if lr is None else {**self.learning_rates, method.kind: lr}
 
     def runs_on(self, method: "Method", task: str, num_tasks: int) -> bool:
         allowed = self.methods.get(task)
@@ -522,7 +522,7 @@ def tune(problems, methods, preset, grid, args, device, log) -> dict:
             scores = {}
             for lr in grid:
                 row = run(val, method, preset.seeds[0], preset.budgets[problem.name],
-                          {**preset.learning_rates, method.kind: lr}, device, False,
+                          preset.learning_rates_for(problem.name, method, lr), device, False,
                           probe.heads if args.head_init == "probe" else None)
                 scores[lr] = row["accuracy"]
                 log(f"tune {problem.name:9s} {method.name:22s} lr {lr:g}: validation accuracy {scores[lr]:.4f}")
@@ -562,9 +562,8 @@ def main(argv=None) -> dict:
         choice = tune(problems, methods, preset, args.tune_grid, args, device, print)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        result = {"command": " ".join(["python -m scripts.compare", *(sys.argv[1:] if argv is None else argv)]),
-                  "grid": args.tune_grid, "seed": preset.seeds[0], "validation": "20% of the training sources",
-                  "choice": choice}
+        result = {"command": report.command(argv), "grid": args.tune_grid, "seed": preset.seeds[0],
+                  "validation": "20% of the training sources", "choice": choice}
         (out / "tuned_lrs.json").write_text(json.dumps(result, indent=1) + "\n")
         return result
     jobs = [(p, m, s) for p in problems for m in methods if preset.runs_on(m, p.name, p.num_tasks)

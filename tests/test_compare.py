@@ -52,17 +52,13 @@ def test_every_method_trains_and_adaptation_beats_the_frozen_base(ci_run):
             assert max(rows.values()) > frozen + 0.02, f"{task}: no adapter clearly beats the frozen base {rows}"
 
 
-def test_heads_start_from_the_linear_probe():
+def test_heads_start_from_the_linear_probe(tmp_path):
     """Before any step, the model built for a run scores what the logistic regression scores, task by task:
     multi-class and binary heads (sklearn keeps one logit for two classes) land in the right rows of the shared
     head, for any subset and order of tasks. Heads from a random init do not."""
-    from transformers import ViTConfig, ViTModel
-
     from scripts import _compare_tasks as tasks
 
-    torch.manual_seed(0)
-    encoder = ViTModel(ViTConfig(**{**tasks.VIT_CONFIG, "num_hidden_layers": 1}), add_pooling_layer=False)
-    problem = tasks.multitask_problem(encoder, "random ViT")
+    problem = tasks.multitask_problem(_random_vit(tmp_path / "vit"), "random ViT")
     probe = compare.linear_probe(problem, "cpu")
     assert [tuple(w.shape) for w, _ in probe.heads] == [(10, 64), (2, 64), (3, 64)]
     frozen, tol = compare.METHODS["frozen"], 2 / len(problem.test)  # fp32 head vs fp64 fit: a borderline sample
