@@ -160,9 +160,9 @@ def markdown(summary, meta) -> str:
         "base's held-out accuracy was flat in it over {1e-3, 5e-3, 2e-2, 5e-2}: mean over the tasks 0.823 to 0.826; "
         f"the middle value is used), adapter matrices (LoRA, Gated LoRA, HyperMod's hypernetwork) {lr['matrix']:g}, "
         f"adapter vectors (IA3, HadaIA3, FiLM) {lr['vector']:g}. Layers per family, from hadapeft's per-model "
-        "defaults: LoRA, Gated LoRA and HyperMod on the attention query/value projections; peft IA3 and HadaIA3 on "
-        "key/value and the MLP down projection (scaled on its input); FiLM on the attention and MLP output "
-        "projections (`film-attn`: FiLM on the attention query/value projections, LoRA's layers). LoRA alpha = 2r "
+        "defaults: LoRA, Gated LoRA, HyperMod and FiLM on the attention query/value projections; peft IA3 and "
+        "HadaIA3 on key/value and the MLP down projection (scaled on its input); `film-blocks`: FiLM on the "
+        "attention and MLP sub-block output projections instead. LoRA alpha = 2r "
         "for peft and Gated LoRA alike. FiLM and HyperMod run with `num_tasks=1` on single-task problems. The "
         "train/held-out split is fixed.", "",
         "Columns: held-out accuracy; trainable parameters of the adapter plus the head(s), and of the adapter "

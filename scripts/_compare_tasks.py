@@ -140,7 +140,7 @@ def text_records(dataset: Optional[str]) -> tuple[list[str], list[int], list[str
 
 
 def text_problem(model: Optional[str], dataset: Optional[str], max_length: int, test_size: int,
-                 offset: int = 0, windows: int = 1) -> Problem:
+                 offset: int = 0, windows: int = 1, pool_how: str = "mean") -> Problem:
     from sklearn.model_selection import train_test_split
     from transformers import AutoModel, AutoTokenizer
 
@@ -176,7 +176,10 @@ def text_problem(model: Optional[str], dataset: Optional[str], max_length: int, 
                   "scores ~0.96, leaving nothing for an adapter to add; on 10-word windows (16 tokens) it scores "
                   "~0.78, so the encoder's features are the bottleneck; and several windows a text give several "
                   "times the held-out samples of one snippet (a smaller standard error).")
-    return Problem("text", about, encoder, "mean", ["section"], [len(names)], train, test,
+    if pool_how == "cls":
+        about += (" Features: the [CLS] token, as transformers' sequence classifiers read it (all-MiniLM-L6-v2 was "
+                  "trained to embed by the mean over tokens, the default here).")
+    return Problem("text", about, encoder, pool_how, ["section"], [len(names)], train, test,
                    model_name=str(model or "sentence-transformers/all-MiniLM-L6-v2 (offline)"))
 
 

@@ -24,8 +24,8 @@ Methods (``METHODS``): the frozen base (the encoder frozen, only the head traine
 beat), peft LoRA r=4 and r=16 and peft IA3, and hadapeft Gated LoRA (r=4 and r=16 with a gate per feature, r=16 with
 one gate per layer), HadaIA3 (single and multi-task), FiLM and HyperMod (``num_tasks=1`` on single-task problems).
 Same layers per family, from hadapeft's per-model defaults: low-rank methods and HyperMod on the attention query /
-value, IA3 and HadaIA3 on key / value / MLP down projection (input-scaled), FiLM on the attention and MLP outputs;
-``film-attn`` is FiLM on the low-rank methods' layers (attention query / value) instead.
+value, and so is FiLM; IA3 and HadaIA3 on key / value / MLP down projection (input-scaled). ``film-blocks`` is FiLM
+on the attention and MLP sub-block outputs instead (it runs on the ViT tasks: the evidence for FiLM's default).
 
 Training, identical for every method: heads start from the linear probe (logistic regression fit to convergence on
 the frozen encoder's pooled training features; LP-FT), so every run starts from what the frozen features allow; no
@@ -92,6 +92,7 @@ class Preset:
     text_max_length: int = 16
     text_windows: int = 1
     text_offset: int = 0  # the text task reads each text from this word on
+    text_pool: str = "mean"  # the text task's features: "mean" over tokens or the "cls" token
     text_test_size: int = 400
     about: str = ""
     learning_rates: dict = field(default_factory=lambda: dict(LEARNING_RATES))
@@ -108,25 +109,6 @@ class Preset:
     def runs_on(self, method: "Method", task: str, num_tasks: int) -> bool:
         allowed = self.methods.get(task)
         return (allowed is None or method.name in allowed) and (num_tasks > 1 or not method.multitask_only)
-
-
-PRESETS = {
-    "cpu-small": Preset(seeds=(0, 1, 2), budgets={"text": Budget(60, 16), "vision": Budget(150, 32),
-                                                  "multitask": Budget(150, 32)}, text_windows=5,
-                        method_lrs_file=TUNED_LRS,
-                        about="the published table: under 20 min on 2 CPU cores (evaluating MiniLM on the held-out "
-                              "windows costs more than its 60 training steps, hence 5 windows a text)"),
-    # Every method runs on the two ViT tasks (cheap); the text task, a MiniLM step costing ~5x a ViT step, runs the
-    # frozen base and one method per family, so the whole preset takes ~4 minutes on 2 cores (221 s measured; its
-    # test took 350 s with film-attn added, in an hour when identical runs were up to 37% slower).
-    "ci": Preset(seeds=(0,), budgets={"text": Budget(40, 16), "vision": Budget(100, 32),
-                                      "multitask": Budget(150, 32)}, text_windows=5,
-                 text_test_size=200, method_lrs_file=TUNED_LRS, about="the CI smoke version: ~4 min on 2 CPU cores",
-                 methods={"text": ("frozen", "lora-r4", "ia3", "gated-lora-r16", "hada-ia3", "film", "hypermod")}),
-    "full": Preset(seeds=(0, 1, 2, 3, 4), budgets={"text": Budget(1000, 32), "vision": Budget(600, 64),
-                                                   "multitask": Budget(1200, 64)},
-                   text_windows=10, about="a longer run for a GPU (not measured here)"),
-}
 
 
 # ---------------------------------------------------------------------------------------------------------- methods
@@ -181,7 +163,8 @@ def _ia3(hada: bool, per_task: bool = False):
 
 
 def _film(table):
-    """FiLM on hadapeft's default layers for it (``BLOCK_OUTPUT``) or on another family's (``ATTENTION``)."""
+    """FiLM on hadapeft's default layers for it (``ATTENTION``, query/value) or on the sub-block outputs
+    (``BLOCK_OUTPUT``)."""
     def make(model_type, num_tasks):
         import hadapeft
 
@@ -206,10 +189,30 @@ METHODS = {m.name: m for m in [
     Method("hada-ia3", "hadapeft", "vector", _ia3(hada=True)),
     Method("hada-ia3-tasks", "hadapeft", "vector", _ia3(hada=True, per_task=True), conditioned=True,
            multitask_only=True),
-    Method("film", "hadapeft", "vector", _film("BLOCK_OUTPUT"), conditioned=True),
-    Method("film-attn", "hadapeft", "vector", _film("ATTENTION"), conditioned=True),
+    Method("film", "hadapeft", "vector", _film("ATTENTION"), conditioned=True),
+    Method("film-blocks", "hadapeft", "vector", _film("BLOCK_OUTPUT"), conditioned=True),
     Method("hypermod", "hadapeft", "matrix", _hypermod, conditioned=True),
 ]}
+
+_TEXT_METHODS = tuple(m for m in METHODS if m != "film-blocks")  # FiLM's placement is settled on the ViT tasks
+# The CI version: the frozen base, peft's LoRA and IA3, and every hadapeft adapter at its defaults, one seed, on all
+# three tasks; 192 to 212 s on 2 cores, pretraining the ViT included (tests/test_compare.py).
+_CI_METHODS = ("frozen", "lora-r4", "ia3", "gated-lora-r4", "hada-ia3", "hada-ia3-tasks", "film", "hypermod")
+
+PRESETS = {
+    "cpu-small": Preset(seeds=(0, 1, 2), budgets={"text": Budget(60, 16), "vision": Budget(150, 32),
+                                                  "multitask": Budget(150, 32)}, text_windows=5,
+                        method_lrs_file=TUNED_LRS, methods={"text": _TEXT_METHODS},
+                        about="the published table: under 20 min on 2 CPU cores (evaluating MiniLM on the held-out "
+                              "windows costs more than its 60 training steps, hence 5 windows a text)"),
+    "ci": Preset(seeds=(0,), budgets={"text": Budget(40, 16), "vision": Budget(100, 32),
+                                      "multitask": Budget(150, 32)}, text_windows=5,
+                 text_test_size=200, method_lrs_file=TUNED_LRS, about="the CI version: ~3.5 min on 2 CPU cores",
+                 methods={task: _CI_METHODS for task in TASKS}),
+    "full": Preset(seeds=(0, 1, 2, 3, 4), budgets={"text": Budget(1000, 32), "vision": Budget(600, 64),
+                                                   "multitask": Budget(1200, 64)},
+                   text_windows=10, about="a longer run for a GPU (not measured here)"),
+}
 
 
 # ------------------------------------------------------------------------------------------------------------ model
@@ -401,6 +404,8 @@ def parse_args(argv=None):
                    help="text task: consecutive word windows taken from each text (default: the preset's)")
     p.add_argument("--text-offset", type=int, default=None,
                    help="text task: words skipped at the start of each text (default: the preset's)")
+    p.add_argument("--text-pool", choices=("cls", "mean"), default=None,
+                   help="text task: features from the [CLS] token or the mean over tokens (default: the preset's)")
     p.add_argument("--lr", action="append", default=[], metavar="KIND=VALUE",
                    help=f"override a learning rate, KIND in {sorted(LEARNING_RATES)}")
     p.add_argument("--tune", default=None, metavar="LR,LR,...",
@@ -464,6 +469,8 @@ def resolve(args):
         if args.text_offset < 0:
             raise SystemExit(f"error: --text-offset must be 0 or more, got {args.text_offset}")
         preset = replace(preset, text_offset=args.text_offset)
+    if args.text_pool is not None:
+        preset = replace(preset, text_pool=args.text_pool)
     lrs = dict(preset.learning_rates)
     for item in args.lr:
         kind, _, value = item.partition("=")
@@ -536,7 +543,8 @@ def load_problems(task_names, args, preset, log) -> list[tasks.Problem]:
     problems = []
     if "text" in task_names:
         problems.append(tasks.text_problem(args.text_model, args.text_dataset, preset.text_max_length,
-                                           preset.text_test_size, preset.text_offset, preset.text_windows))
+                                           preset.text_test_size, preset.text_offset, preset.text_windows,
+                                           preset.text_pool))
     if {"vision", "multitask"} & set(task_names):
         encoder, name = tasks.vit_encoder(args.vit_model, Path(args.cache_dir), log)
         if "vision" in task_names:

@@ -1,6 +1,6 @@
-"""scripts/compare.py: the CI-sized comparison (every method beats the frozen base on each task it runs on; the
-table, plot and per-seed JSON name every method and task), encoders given by path, and bad input (a clear error
-naming it, nothing written)."""
+"""scripts/compare.py: the CI-sized comparison (every method beats the frozen base on the ViT tasks and stays
+within 2 points of it on text; the table, plot and per-seed JSON name every method and task), encoders given by path,
+and bad input (a clear error naming it, nothing written)."""
 
 from __future__ import annotations
 
@@ -33,23 +33,40 @@ def ci_run(tmp_path_factory):
     return out, result
 
 
-CHANCE = {"text": 1 / 5, "vision": 1 / 5, "multitask": (1 / 10 + 1 / 2 + 1 / 3) / 3}
+@pytest.mark.slow
+def test_every_method_beats_the_frozen_base_on_the_vit_tasks(ci_run):
+    """What must hold at this budget. The frozen base trains the same head, from the same linear-probe start, with
+    the same budget. On the ViT tasks every method the CI version runs (peft LoRA and IA3, and every hadapeft
+    adapter at its default layers) scores above it. On MiniLM text windows the published table shows every method
+    within about a point of it, above or below (the encoder's features are already what the windows allow at a CPU
+    budget), so there the test asserts only that no method loses 2 points or more."""
+    out, result = ci_run
+    for task in compare.TASKS:
+        rows = {s["method"]: s["accuracy_mean"] for s in result["summary"] if s["task"] == task}
+        frozen = rows.pop("frozen")
+        expected = {m for m in compare.PRESETS["ci"].methods[task] if m != "frozen"}
+        if task != "multitask":
+            expected -= {m for m in expected if compare.METHODS[m].multitask_only}
+        assert set(rows) == expected, task
+        floor = frozen - 0.02 if task == "text" else frozen
+        below = {m: round(a, 4) for m, a in rows.items() if a <= floor}
+        assert not below, f"{task}: frozen base {frozen:.4f}; at or below {floor:.4f}: {below}"
 
 
 @pytest.mark.slow
-def test_every_method_trains_and_adaptation_beats_the_frozen_base(ci_run):
-    """What must hold at this budget: every method trains (twice chance) without wrecking the encoder (at most 5
-    points under the frozen base, which starts from the linear probe), and on the ViT tasks, where the probe shows
-    the frozen features fall short, the best adapter beats the frozen base by 2 points. Not yet "every method beats
-    the frozen base": on text the adapters are within the seed spread of it."""
-    for task in compare.TASKS:
-        rows = {s["method"]: s["accuracy_mean"] for s in ci_run[1]["summary"] if s["task"] == task}
-        frozen = rows.pop("frozen")
-        assert rows, f"{task}: no method ran"
-        broken = {m: round(a, 4) for m, a in rows.items() if a < max(2 * CHANCE[task], frozen - 0.05)}
-        assert not broken, f"{task}: frozen base {frozen:.4f}; far below it or near chance: {broken}"
-        if task != "text":
-            assert max(rows.values()) > frozen + 0.02, f"{task}: no adapter clearly beats the frozen base {rows}"
+def test_table_plot_and_json_are_written(ci_run):
+    """results.md has one row per (task, method) with its mean, trainable parameters, s/step and peak memory;
+    results.json holds every seed's run; results.png is a PNG image."""
+    out, result = ci_run
+    md = (out / "results.md").read_text()
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for s in result["summary"]:
+        row = [line for line in md.splitlines() if line.startswith(f"| {s['method']} |")]
+        assert row, f"no row for {s['method']}"
+        assert any(f"{s['accuracy_mean']:.4f}" in r for r in row), (s, row)
+    assert {(r["task"], r["method"]) for r in runs} == {(s["task"], s["method"]) for s in result["summary"]}
+    assert all(r["seed"] == 0 and r["steps"] > 0 and r["s_per_step"] > 0 for r in runs)
 
 
 def test_heads_start_from_the_linear_probe(tmp_path):
@@ -100,6 +117,26 @@ def test_text_windows_are_split_by_text(tmp_path):
         owners.append(set(count))
     assert len(owners[1]) == 2 and not owners[0] & owners[1] and len(owners[0] | owners[1]) == 10
     assert "windows of 10 words" in problem.about and "split by text" in problem.about
+
+
+def test_text_pool_picks_the_features_the_head_reads(tmp_path):
+    """--text-pool cls: the probe and the classifier read the [CLS] token's state; mean (the default): the mean over
+    the unmasked tokens, which differs from it."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"word{k} " * (3 + k), "label": f"c{k % 2}"}) + "\n"
+                            for k in range(10)))
+    args = compare.parse_args(["--tasks", "text", "--text-dataset", str(data), "--text-pool", "cls"])
+    _, _, preset = compare.resolve(args)
+    cls = compare.load_problems(["text"], args, preset, lambda *a: None)[0]
+    mean = compare.load_problems(["text"], compare.parse_args(["--text-dataset", str(data)]),
+                                 compare.PRESETS["cpu-small"], lambda *a: None)[0]
+    assert (cls.pool, mean.pool) == ("cls", "mean") and "[CLS] token" in cls.about
+    with torch.inference_mode():
+        hidden = cls.encoder(**cls.test.inputs).last_hidden_state
+    m = cls.test.inputs["attention_mask"].unsqueeze(-1).float()
+    assert torch.allclose(compare.pooled_features(cls, cls.test, "cpu"), hidden[:, 0], atol=1e-5)
+    assert torch.allclose(compare.pooled_features(mean, mean.test, "cpu"), (hidden * m).sum(1) / m.sum(1), atol=1e-5)
+    assert not torch.allclose(hidden[:, 0], (hidden * m).sum(1) / m.sum(1), atol=1e-2)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -16,6 +16,8 @@ class FiLMConfig(TaskConditionedConfig):
     conditioning vector (``task_embed_dim``: a small generator per layer, ``task_embed → generator_hidden → 2·d_out``,
     whose last layer starts at zero, so γ = 1 + Δγ = 1 and β = 0 at init). ``merge_and_unload(task_id=k)`` folds one
     task into the layer: ``W' = diag(γ_k) W``, ``b' = γ_k ∘ b + β_k`` (a bias is added where the layer had none).
+    Without ``target_modules``, FiLM goes on the attention query/value projections of known model families
+    (``hadapeft.core.targets.ATTENTION``; why not the sub-block outputs: see ``BLOCK_OUTPUT`` there).
     Perez et al. 2018, https://arxiv.org/abs/1709.07871.
     """
 
