@@ -49,7 +49,7 @@ def command(argv) -> str:
     return " ".join(["python -m scripts.compare", *(sys.argv[1:] if argv is None else argv)])
 
 
-def metadata(args, argv, preset, problems, probes, wall_s) -> dict:
+def metadata(args, argv, preset, problems, probes, wall_s, not_run=None) -> dict:
     import torch
 
     device = torch.device(args.device)
@@ -62,7 +62,8 @@ def metadata(args, argv, preset, problems, probes, wall_s) -> dict:
                                "train": len(p.train), "test": len(p.test),
                                "steps": preset.budgets[p.name].steps,
                                "batch_size": preset.budgets[p.name].batch_size,
-                               "linear_probe": probes[p.name]} for p in problems}}
+                               "linear_probe": probes[p.name],
+                               "not_run": (not_run or {}).get(p.name, [])} for p in problems}}
 
 
 # ---------------------------------------------------------------------------------------------------------- summary
@@ -179,8 +180,12 @@ def markdown(summary, meta) -> str:
                   f"{info['batch_size']} per run.", ""]
         lines += table(summary, task)
         lines += ["", f"Linear probe on the frozen features: {info['linear_probe']:.4f}.", ""]
-        if tuned.get(task):
-            picks = ", ".join(f"`{m}` {v:g}" for m, v in tuned[task].items())
+        if info.get("not_run"):
+            lines += [f"Not run on this task by the `{meta['preset']}` preset: "
+                      f"{', '.join(f'`{m}`' for m in info['not_run'])}.", ""]
+        ran = {s["method"] for s in summary if s["task"] == task}
+        picks = ", ".join(f"`{m}` {v:g}" for m, v in tuned.get(task, {}).items() if m in ran)
+        if picks:
             lines += [f"Adapter learning rates picked on the validation split: {picks}.", ""]
     lines += ["## Best hadapeft against best peft, per task", ""] + verdicts(summary) + [""]
     return "\n".join(lines)

@@ -588,8 +588,10 @@ def main(argv=None) -> dict:
         bar.write(f"{problem.name:9s} {method.name:22s} seed {seed}: accuracy {row['accuracy']:.4f}, "
                   f"{row['s_per_step'] * 1e3:.0f} ms/step")
     bar.close()
+    not_run = {p.name: [m.name for m in methods if not preset.runs_on(m, p.name, p.num_tasks)
+                        and not (m.multitask_only and p.num_tasks == 1)] for p in problems}
     meta = report.metadata(args, argv, preset, problems, {k: v.accuracy for k, v in probes.items()},
-                           time.perf_counter() - t_start)
+                           time.perf_counter() - t_start, not_run)
     return report.write_all(Path(args.out), rows, meta, [m.name for m in methods],
                             {m.name: m.library for m in methods})
 

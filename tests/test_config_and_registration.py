@@ -128,3 +128,20 @@ def test_field_help_is_single_source():
     for name in ("r:", "lora_alpha:", "gate:", "init_weights:", "backend:", "target_modules:"):
         assert name in doc
     assert "feedforward_modules:" in hadapeft.HadaIA3Config.__doc__
+
+
+_QV = {"llama": {"q_proj", "v_proj"}, "qwen2": {"q_proj", "v_proj"}, "mistral": {"q_proj", "v_proj"},
+       "gpt2": {"c_attn"}, "bert": {"query", "value"}, "vit": {"query", "value", "q_proj", "v_proj"}}
+
+
+@pytest.mark.parametrize("family", sorted(_QV))
+@pytest.mark.parametrize("make", [lambda: hadapeft.GatedLoraConfig(r=2), lambda: hadapeft.FiLMConfig(num_tasks=2),
+                                  lambda: hadapeft.HyperModConfig(num_tasks=2)], ids=["gated", "film", "hypermod"])
+def test_default_targets_are_the_attention_query_and_value(family, make):
+    """Without target_modules, gated LoRA, FiLM and HyperMod adapt the attention query/value projections of every
+    layer (FiLM's default moved there from the sub-block outputs; see hadapeft/core/targets.py)."""
+    model = get_peft_model(build_model(family), make())
+    adapted = [name for name, m in model.named_modules() if isinstance(m, HadaLayer)]
+    assert adapted and {name.rsplit(".", 1)[-1] for name in adapted} <= _QV[family], adapted
+    assert len(adapted) == 2 * len({name.rsplit(".", 1)[-1] for name in adapted})  # every one of the 2 layers
+    assert not any("output" in name or "o_proj" in name or "down_proj" in name for name in adapted), adapted
