@@ -196,7 +196,7 @@ METHODS = {m.name: m for m in [
 
 _TEXT_METHODS = tuple(m for m in METHODS if m != "film-blocks")  # FiLM's placement is settled on the ViT tasks
 # The CI version: the frozen base, peft's LoRA and IA3, and every hadapeft adapter at its defaults, one seed, on all
-# three tasks; 192 to 212 s on 2 cores, pretraining the ViT included (tests/test_compare.py).
+# three tasks; 162 to 212 s on 2 cores, pretraining the ViT included (tests/test_compare.py).
 _CI_METHODS = ("frozen", "lora-r4", "ia3", "gated-lora-r4", "hada-ia3", "hada-ia3-tasks", "film", "hypermod")
 
 PRESETS = {
@@ -207,7 +207,7 @@ PRESETS = {
                               "windows costs more than its 60 training steps, hence 5 windows a text)"),
     "ci": Preset(seeds=(0,), budgets={"text": Budget(40, 16), "vision": Budget(100, 32),
                                       "multitask": Budget(150, 32)}, text_windows=5,
-                 text_test_size=200, method_lrs_file=TUNED_LRS, about="the CI version: ~3.5 min on 2 CPU cores",
+                 text_test_size=200, method_lrs_file=TUNED_LRS, about="the CI version: ~3 min on 2 CPU cores",
                  methods={task: _CI_METHODS for task in TASKS}),
     "full": Preset(seeds=(0, 1, 2, 3, 4), budgets={"text": Budget(1000, 32), "vision": Budget(600, 64),
                                                    "multitask": Budget(1200, 64)},
