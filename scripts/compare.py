@@ -106,9 +106,13 @@ class Preset:
         lr = self.method_lrs.get(task, {}).get(method.name) if lr is None else lr
         return self.learning_rates if lr is None else {**self.learning_rates, method.kind: lr}
 
-    def runs_on(self, method: "Method", task: str, num_tasks: int) -> bool:
+    def skips(self, method: "Method", task: str) -> bool:
+        """The preset leaves ``method`` out of ``task`` (its ``methods`` list for the task does not name it)."""
         allowed = self.methods.get(task)
-        return (allowed is None or method.name in allowed) and (num_tasks > 1 or not method.multitask_only)
+        return allowed is not None and method.name not in allowed
+
+    def runs_on(self, method: "Method", task: str, num_tasks: int) -> bool:
+        return not self.skips(method, task) and (num_tasks > 1 or not method.multitask_only)
 
 
 # ---------------------------------------------------------------------------------------------------------- methods
@@ -588,8 +592,7 @@ def main(argv=None) -> dict:
         bar.write(f"{problem.name:9s} {method.name:22s} seed {seed}: accuracy {row['accuracy']:.4f}, "
                   f"{row['s_per_step'] * 1e3:.0f} ms/step")
     bar.close()
-    not_run = {p.name: [m.name for m in methods if not preset.runs_on(m, p.name, p.num_tasks)
-                        and not (m.multitask_only and p.num_tasks == 1)] for p in problems}
+    not_run = {p.name: [m.name for m in methods if preset.skips(m, p.name)] for p in problems}
     meta = report.metadata(args, argv, preset, problems, {k: v.accuracy for k, v in probes.items()},
                            time.perf_counter() - t_start, not_run)
     return report.write_all(Path(args.out), rows, meta, [m.name for m in methods],
