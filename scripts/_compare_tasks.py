@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -158,9 +159,7 @@ def held_out_sources(sources: list[int], test_size: int) -> set[int]:
     sides of the split."""
     unique = torch.tensor(sorted(set(sources)))
     order = unique[torch.randperm(len(unique), generator=torch.Generator().manual_seed(DATA_SEED))].tolist()
-    counts: dict[int, int] = {}
-    for src in sources:
-        counts[src] = counts.get(src, 0) + 1
+    counts = Counter(sources)
     held, total = set(), 0
     for src in order[:-1]:  # at least one source stays for training
         if total >= test_size:
@@ -175,6 +174,7 @@ def text_problem(model: Optional[str], dataset: Optional[str], max_length: int, 
     from sklearn.model_selection import train_test_split
     from transformers import AutoModel, AutoTokenizer
 
+    dataset = dataset or DEFAULT_TEXT
     texts, labels, names, sources = text_records(dataset)  # first: a missing data set fails before a model loads
     path = loading.resolve_model_path(model or TEXT_MODEL_PACKAGE)
     hint = "Pass a local model folder with --text-model, or leave it out for the offline all-MiniLM-L6-v2."
@@ -207,7 +207,7 @@ def text_problem(model: Optional[str], dataset: Optional[str], max_length: int, 
     cut = (f"each text cut into up to {windows} consecutive windows of {step} words (at most {max_length} tokens), "
            f"each window labelled with its text's label" if windows > 1 else
            f"each text cut to its first {max_length} tokens")
-    name = BUILTIN_TEXT[dataset or DEFAULT_TEXT][1] if (dataset or DEFAULT_TEXT) in BUILTIN_TEXT else dataset
+    name = BUILTIN_TEXT[dataset][1] if dataset in BUILTIN_TEXT else dataset
     about = (f"{name}, {cut}{f', from word {offset} on' if offset else ''}; {len(tr_i)} train texts "
              f"({len(train)} samples), {len(te_i)} held-out texts ({len(test)} samples), {split_by}.")
     if pool_how == "cls":
