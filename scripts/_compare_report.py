@@ -62,7 +62,7 @@ def metadata(args, argv, preset, problems, probes, wall_s, not_run=None) -> dict
                                "train": len(p.train), "test": len(p.test),
                                "steps": preset.budgets[p.name].steps,
                                "batch_size": preset.budgets[p.name].batch_size,
-                               "linear_probe": probes[p.name],
+                               "linear_probe": probes[p.name], "learning_rates": preset.task_rates(p.name),
                                "not_run": (not_run or {}).get(p.name, [])} for p in problems}}
 
 
@@ -187,6 +187,10 @@ def markdown(summary, meta) -> str:
         picks = ", ".join(f"`{m}` {v:g}" for m, v in tuned.get(task, {}).items() if m in ran)
         if picks:
             lines += [f"Adapter learning rates picked on the validation split: {picks}.", ""]
+        own = {k: v for k, v in info.get("learning_rates", {}).items() if v != lr.get(k)}
+        if own:
+            lines += ["Rates of this task that differ from the protocol's: "
+                      + ", ".join(f"{k} {v:g}" for k, v in own.items()) + f" (the `{meta['preset']}` preset's).", ""]
     lines += ["## Best hadapeft against best peft, per task", ""] + verdicts(summary) + [""]
     return "\n".join(lines)
 

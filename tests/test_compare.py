@@ -64,6 +64,10 @@ def test_table_plot_and_json_are_written(ci_run):
         assert any(f"{s['accuracy_mean']:.4f}" in r for r in row), (s, row)
     assert {(r["task"], r["method"]) for r in runs} == {(s["task"], s["method"]) for s in result["summary"]}
     assert all(r["seed"] == 0 and r["steps"] > 0 and r["s_per_step"] > 0 for r in runs)
+    text = md.split("## text", 1)[1].split("## vision", 1)[0]  # the text head's own rate is used and stated
+    assert [r["learning_rate"] for r in runs if r["task"] == "text" and r["method"] == "frozen"] == [1e-3]
+    assert "Rates of this task that differ from the protocol's: head 0.001 (the `ci` preset's)." in text
+    assert "differ from the protocol" not in md.split("## vision", 1)[1]
 
 
 def test_heads_start_from_the_linear_probe(tmp_path):
@@ -98,9 +102,9 @@ def test_review_sentiment_is_split_by_film():
     assert tasks.text_records(None)[0] == texts  # the default; BBC News by name, each article its own source
     bbc = tasks.text_records("bbc-news")
     assert len(bbc[0]) == 2125 and len(bbc[2]) == 5 and bbc[3] is None
-    small, ci = compare.PRESETS["cpu-small"], compare.PRESETS["ci"]
-    assert (ci.text_max_length, ci.text_test_size, ci.budgets["text"]) == \
-        (small.text_max_length, small.text_test_size, small.budgets["text"]) == (24, 1500, compare.Budget(200, 16))
+    small, ci = compare.PRESETS["cpu-small"], compare.PRESETS["ci"]  # the CI version: same split, half the steps
+    assert (ci.text_max_length, ci.text_test_size) == (small.text_max_length, small.text_test_size) == (24, 1500)
+    assert (small.budgets["text"], ci.budgets["text"]) == (compare.Budget(200, 16), compare.Budget(100, 16))
     problem = tasks.text_problem(None, None, max_length=small.text_max_length, test_size=small.text_test_size)
     assert problem.model_name.startswith("sentence-transformers/all-MiniLM-L6-v2") and problem.num_labels == [2]
     assert len(problem.train) + len(problem.test) == 12752 and problem.train.inputs["input_ids"].shape[1] == 24
@@ -206,6 +210,21 @@ def test_hub_ids_are_accepted_and_fail_clearly_offline(tmp_path):
     assert proc.returncode != 0
     assert "could not load 'google/vit-base-patch16-224-in21k'" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_ci_preset_has_its_own_text_rates_and_the_command_line_wins():
+    """The CI version's text task: head rate 1e-3 (the protocol's 1e-2 elsewhere) and adapter rates from its own
+    tune file; its ViT tasks keep the published picks. ``--lr head=...`` sets the head's rate on every task."""
+    _, methods, preset = compare.resolve(compare.parse_args(["--preset", "ci"]))
+    frozen, lora = (next(m for m in methods if m.name == name) for name in ("frozen", "lora-r4"))
+    assert preset.learning_rates_for("text", frozen)["head"] == 1e-3
+    assert preset.learning_rates_for("vision", frozen)["head"] == compare.LEARNING_RATES["head"] == 1e-2
+    published = compare.read_method_lrs(compare.TUNED_LRS)
+    assert preset.method_lrs["text"] == compare.read_method_lrs(compare.CI_TUNED_LRS)["text"] != published["text"]
+    assert preset.method_lrs["vision"] == published["vision"]
+    assert preset.learning_rates_for("text", lora)["matrix"] == preset.method_lrs["text"]["lora-r4"]
+    _, _, cli = compare.resolve(compare.parse_args(["--preset", "ci", "--lr", "head=5e-3"]))
+    assert {cli.learning_rates_for(t, frozen)["head"] for t in compare.TASKS} == {5e-3}
 
 
 def test_method_lrs_file_that_is_not_from_tune_fails_clearly(tmp_path):
