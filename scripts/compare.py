@@ -109,8 +109,8 @@ class Preset:
     task_learning_rates: dict = field(default_factory=dict)  # task -> {kind: rate} over learning_rates
     methods: dict = field(default_factory=dict)  # task -> the only methods run on it (default: all asked for)
     method_lrs: dict = field(default_factory=dict)  # task -> method -> adapter learning rate (from --tune)
-    # read into method_lrs unless --method-lrs says otherwise; several files: a later one's tasks replace earlier ones'
-    method_lrs_file: Optional[Path | tuple[Path, ...]] = None
+    # read into method_lrs, in order (a later file's tasks replace an earlier one's), unless --method-lrs is given
+    method_lrs_files: tuple[Path, ...] = ()
 
     def task_rates(self, task: str) -> dict:
         """The rate per parameter kind on ``task``: the preset's, with the task's own where it has them."""
@@ -228,7 +228,7 @@ _CI_TEXT_METHODS = tuple(m for m in _CI_METHODS if not m.startswith("hada-ia3"))
 PRESETS = {
     "cpu-small": Preset(seeds=(0, 1, 2), budgets={"text": Budget(200, 16), "vision": Budget(150, 32),
                                                   "multitask": Budget(150, 32)}, text_max_length=24,
-                        text_test_size=1500, method_lrs_file=TUNED_LRS, methods={"text": _TEXT_METHODS},
+                        text_test_size=1500, method_lrs_files=(TUNED_LRS,), methods={"text": _TEXT_METHODS},
                         about="the published table: under 20 min on 2 CPU cores (a text step costs ~10 ViT steps, "
                               "hence one option set per hadapeft family on text)"),
     # A text step costs ~10 ViT steps, so the CI version halves cpu-small's text budget. At 100 steps the head's
@@ -238,7 +238,7 @@ PRESETS = {
     "ci": Preset(seeds=(0,), budgets={"text": Budget(100, 16), "vision": Budget(100, 32),
                                       "multitask": Budget(150, 32)}, text_max_length=24,
                  text_test_size=1500, task_learning_rates={"text": {"head": 1e-3}},
-                 method_lrs_file=(TUNED_LRS, CI_TUNED_LRS),
+                 method_lrs_files=(TUNED_LRS, CI_TUNED_LRS),
                  about="the CI version: one seed; the text task and split of cpu-small with half its steps, "
                        "head rate 1e-3 and adapter rates tuned for that; shorter ViT runs",
                  methods={"text": _CI_TEXT_METHODS, "vision": _CI_METHODS, "multitask": _CI_METHODS}),
@@ -517,13 +517,13 @@ def resolve(args):
         for rates in per_task.values():  # the command line's rate holds on every task
             rates.pop(kind, None)
     preset = replace(preset, learning_rates=lrs, task_learning_rates=per_task)
-    lrs_file = preset.method_lrs_file if args.method_lrs is None else args.method_lrs
-    if lrs_file and str(lrs_file) != "none" and not args.tune:
-        files = lrs_file if isinstance(lrs_file, tuple) else (lrs_file,)
+    if args.method_lrs is not None:
+        preset = replace(preset, method_lrs_files=(args.method_lrs,) if args.method_lrs not in ("", "none") else ())
+    if preset.method_lrs_files and not args.tune:
         method_lrs = {}
-        for f in files:
+        for f in preset.method_lrs_files:
             method_lrs.update(read_method_lrs(f))
-        preset = replace(preset, method_lrs=method_lrs, method_lrs_file=lrs_file)
+        preset = replace(preset, method_lrs=method_lrs)
     args.tune_grid = None
     if args.tune:
         try:
