@@ -154,7 +154,9 @@ def markdown(summary, meta) -> str:
         "step budget and batch size. Heads start from the linear probe (a logistic regression fit to convergence on "
         "the frozen encoder's pooled training features, below each table), as in LP-FT: every run starts from what "
         "the frozen features allow, so an adapter can only add to it. `frozen` trains the head alone from there "
-        "with the same budget and is the floor every adapter must beat. No dropout anywhere (the ViT has none; "
+        "with the same budget and is the floor every adapter must beat; it trains on the frozen encoder's pooled "
+        "features, computed once for the probe (what the encoder would give it at every step, up to float "
+        "rounding), so its s/step and memory are the head's alone. No dropout anywhere (the ViT has none; "
         "MiniLM's is switched off), so runs differ only by adapter initialisation and batch order. AdamW without "
         "weight decay, 10% linear warm-up then linear decay, gradient clipping at 1.0. Learning rates are fixed per "
         f"parameter kind{tuned_note}: head {lr['head']:g} (from the probe start, the frozen "
@@ -170,7 +172,8 @@ def markdown(summary, meta) -> str:
         "alone; seconds per training step (median over all steps of all seeds, evaluation excluded; the machine "
         "may have been shared, so read it as a ratio between rows of one run); peak memory PyTorch allocated "
         "during one training step beyond what existed before it (activations, gradients, temporaries; CPU: "
-        "`torch.profiler` memory timeline, measured once per method after training, outside the timed steps).", "",
+        "from the allocations and frees `torch.profiler` records; measured once per method after training, "
+        "outside the timed steps).", "",
         "`linear probe` under each table: that logistic regression's own held-out accuracy — what the frozen "
         "features allow without any budget limit.", "",
     ]

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -73,6 +74,39 @@ def pool(hidden, attention_mask, how: str):
     return hidden[:, 0]
 
 
+class CachedFeatures(nn.Module):
+    """Stands in for a frozen encoder whose pooled features were computed once: ``features`` (B, H) in, a one-token
+    sequence out, which ``"cls"`` pooling reads back. The frozen base trains its head on these (``on_features``)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def forward(self, features):
+        return SimpleNamespace(last_hidden_state=features.unsqueeze(1))
+
+
+def trim_padding(inputs: dict) -> dict:
+    """A batch of right-padded text cut after its last real token (columns where every text is padding): the same
+    output for every real token, since padding is masked out of attention and of the mean, for less compute. Inputs
+    without an attention mask, or padded on the left, come back as they are."""
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return inputs
+    used = mask.any(0).nonzero()
+    n = int(used.max()) + 1 if len(used) else 1
+    if n == mask.shape[1]:
+        return inputs
+    return {k: v[:, :n] if v.shape[:2] == mask.shape else v for k, v in inputs.items()}
+
+
+def in_length_order(split: "Split") -> torch.Tensor:
+    """The split's sample indices, shortest text first (stable; images: as they are), so that consecutive batches
+    hold texts of similar length and ``trim_padding`` cuts the most."""
+    mask = split.inputs.get("attention_mask")
+    return torch.arange(len(split)) if mask is None else torch.argsort(mask.sum(1), stable=True)
+
+
 # ---------------------------------------------------------------------------------------------------------- problem
 @dataclass
 class Split:
@@ -108,6 +142,15 @@ class Problem:
     @property
     def model_type(self) -> str:
         return self.encoder.config.model_type
+
+
+def on_features(problem: Problem, train_features: torch.Tensor, test_features: torch.Tensor) -> Problem:
+    """The problem with its encoder replaced by its pooled features of each split, computed once (``CachedFeatures``):
+    what training the head alone needs."""
+    return replace(problem, encoder=CachedFeatures(problem.encoder.config), pool="cls",
+                   train=Split({"features": train_features}, problem.train.labels, problem.train.groups),
+                   test=Split({"features": test_features}, problem.test.labels, problem.test.groups),
+                   transform=lambda inputs: inputs)
 
 
 def validation_problem(problem: Problem, fraction: float = 0.2) -> Problem:

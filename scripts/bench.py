@@ -23,7 +23,7 @@ turns repeat by repeat so that a slow spell of a shared machine slows every case
 Memory, two figures:
     peak   the most memory allocated at any moment of one forward + backward beyond what existed before it (inputs,
            weights): the output, saved activations, temporaries and gradients (``scripts/memory.py``: the CUDA
-           allocator's peak on GPU, the profiler's memory timeline on CPU).
+           allocator's peak on GPU, the allocations and frees the profiler records on CPU).
     saved  both devices: bytes held between forward and backward: the output plus every tensor autograd saves
            (``torch.autograd.graph.saved_tensors_hooks``; unique storages; the input and the weights, which the
            caller keeps alive anyway, are not counted).
@@ -555,7 +555,7 @@ def layer_markdown(env, rows, args):
              "cases of a shape take turns repeat by repeat). `× base`: time over the frozen nn.Linear alone in the "
              "same run. `graph`: the same step replayed from CUDA graphs, i.e. GPU time without host launch "
              "overhead. `peak`: extra memory during one forward + backward (CUDA allocator peak on GPU, profiler "
-             "memory timeline on CPU); `saved`: output + tensors saved for backward (see scripts/bench.py); "
+             "allocation records on CPU); `saved`: output + tensors saved for backward (see scripts/bench.py); "
              "`CPU ms`: host time to issue one step (a step is CPU-bound when this reaches `ms`).", ""]
     for (shape, tokens) in dict.fromkeys((r["shape"], r["tokens"]) for r in rows):
         lines += [f"## {shape} (d_in x d_out), {tokens} tokens", "",
@@ -591,7 +591,7 @@ def e2e_markdown(env, rows, args):
              f"AdamW; {spec['steps']} timed steps after {spec['warmup']} warm-up. LoRA / gated LoRA on all linear "
              f"layers (r = {RANK}), IA3 on k, v, down (down as feedforward). Peak: the most memory held during one "
              "training step, weights, gradients and optimizer state included (CUDA allocator; on CPU the live "
-             "tensors plus the step's peak from the profiler's memory timeline).", "",
+             "tensors plus the step's peak from the profiler's allocation records).", "",
              "| method | backend | tokens/s | × peft LoRA | step ms | peak GiB | peak × peft LoRA | trainable |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
