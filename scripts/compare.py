@@ -30,7 +30,8 @@ feature, r=16 with one gate per layer), HadaIA3 (single and multi-task), FiLM an
 single-task problems). Same layers per family, from hadapeft's per-model defaults: low-rank methods and HyperMod
 on the attention query / value, and so is FiLM; IA3 and HadaIA3 on key / value / MLP down projection
 (input-scaled). ``film-blocks`` is FiLM on the attention and MLP sub-block outputs instead (it runs on the ViT
-tasks: the evidence for FiLM's default). On text, where a step costs ~10 ViT steps, cpu-small runs one option set per hadapeft family (``_TEXT_METHODS``).
+tasks: the evidence for FiLM's default). On text, where a step costs ~10 ViT steps, cpu-small runs one option set
+per hadapeft family (``_TEXT_METHODS``).
 
 Training, identical for every method: heads start from the linear probe (logistic regression fit to convergence on
 the frozen encoder's pooled training features; LP-FT), so every run starts from what the frozen features allow; no
