@@ -122,7 +122,7 @@ def _fmt_params(n: int) -> str:
 
 def _fmt_small(x: float, decimals: int) -> str:
     """``decimals`` places, or two significant digits for a value too small to show that way (the frozen base's
-    head-only step: ~0.5 ms, ~0.03 MiB)."""
+    head-only step: ~1 ms, ~0.03 MiB)."""
     return f"{x:.{decimals}f}" if x >= 10 ** (1 - decimals) else f"{x:.2g}"
 
 

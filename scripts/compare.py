@@ -398,7 +398,7 @@ class Probe:
     heads: list  # per task: (weight (C, H), bias (C,)) float32 tensors, ready for the task's rows of the head
     # The problem on those pooled features (train and held out), computed once: the frozen base trains its head here,
     # as it would on the encoder itself (the same features up to float rounding) without running it at every step.
-    features: Optional[tasks.Problem] = None
+    features: tasks.Problem
 
 
 def pooled_features(problem, split, device, batch_size=256) -> torch.Tensor:

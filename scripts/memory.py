@@ -37,8 +37,9 @@ def _cpu_peak_bytes(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     cpu = torch.autograd.DeviceType.CPU
+    # by time; sorted() is stable, so events of the same nanosecond keep the profiler's order
     events = sorted(((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]" and e.device_type() == cpu), key=lambda e: e[0])  # stable: ties
+                     if e.name() == "[memory]" and e.device_type() == cpu), key=lambda e: e[0])
     current = peak = 0
     for _, size in events:  # size < 0: a free
         current += size
