@@ -286,11 +286,15 @@ def _numel(params) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------- training
-def _batch(problem, split, idx, task_pos, task_set, device):
+def _inputs(problem, split, idx, device) -> dict:
+    """The encoder inputs of samples ``idx`` of ``split``: transformed, all-padding columns cut, on ``device``."""
     inputs = tasks.trim_padding(problem.transform({k: v[idx] for k, v in split.inputs.items()}))
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def _batch(problem, split, idx, task_pos, task_set, device):
     labels = split.labels[idx, torch.tensor(task_set)[task_pos]]
-    return inputs, task_pos.to(device), labels.to(device)
+    return _inputs(problem, split, idx, device), task_pos.to(device), labels.to(device)
 
 
 def _forward(model, method, inputs, head_ids, labels=None):
@@ -409,8 +413,7 @@ def pooled_features(problem, split, device, batch_size=256) -> torch.Tensor:
     with torch.inference_mode():
         for i in range(0, len(split), batch_size):
             idx = order[i:i + batch_size]
-            inputs = tasks.trim_padding(problem.transform({k: v[idx] for k, v in split.inputs.items()}))
-            inputs = {k: v.to(device) for k, v in inputs.items()}
+            inputs = _inputs(problem, split, idx, device)
             out[idx] = tasks.pool(encoder(**inputs).last_hidden_state, inputs.get("attention_mask"),
                                   problem.pool).cpu()
     return out
