@@ -8,12 +8,27 @@ successful load, and any failure inside the hook leaves peft untouched.
 
 import sys
 
-HADAPEFT_TYPES = ("GATED_LORA", "HADA_IA3", "FILM", "HYPERMOD")
+
+def hadapeft_types() -> set:
+    """The adapter types of the installed hadapeft, without importing it: the folder names of ``hadapeft/tuners``
+    (each folder is one type, named as its peft type in lower case; see ``hadapeft/registry.py``)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("hadapeft")
+    if spec is None or not spec.submodule_search_locations:
+        return set()
+    types = set()
+    for root in spec.submodule_search_locations:
+        tuners = os.path.join(root, "tuners")
+        if os.path.isdir(tuners):
+            types |= {d.upper() for d in os.listdir(tuners) if os.path.isfile(os.path.join(tuners, d, "__init__.py"))}
+    return types
 
 
 def _check(peft_type):
     name = str(getattr(peft_type, "value", peft_type))
-    if name in HADAPEFT_TYPES and "hadapeft" not in sys.modules:
+    if "hadapeft" not in sys.modules and name and name.upper() == name and name in hadapeft_types():
         raise ValueError(f"this adapter is a hadapeft {name} adapter: run `import hadapeft` before loading it "
                          "(pip install hadapeft); peft does not know the type otherwise")
 

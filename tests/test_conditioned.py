@@ -1,7 +1,8 @@
 """Task-conditioned adapters (FiLM, HyperMod, multi-task HadaIA3): per-sample task_ids / task_embeds through forward,
-generate, the HF Trainer, gradient checkpointing, merge, save/load, and bad input. The option sets join the contract
-table of test_contract.py (same make_config / peft_model helpers); checks use ``init_weights=False`` unless they are
-about the identity at init."""
+generate, the HF Trainer, gradient checkpointing, merge, save/load, and bad input. The generic peft contract (identity,
+save/load, merge, multiple adapters, dtypes, ...) runs for these option sets in test_contract.py's table; this file
+holds what only conditioned adapters have. Checks use ``init_weights=False`` unless they are about the identity at
+init."""
 
 from __future__ import annotations
 
@@ -19,18 +20,13 @@ from safetensors.torch import load_file, save_file
 
 import hadapeft
 from conftest import build_model, logits, make_inputs
-from test_contract import OPTION_SETS, grads_with_and_without_checkpointing, hada_layers, make_config, peft_model
+from test_contract import grads_with_and_without_checkpointing, hada_layers, make_config, option_sets, peft_model
 
 EMB = 6  # task_embed_dim of the task_embeds option sets
-COND_OPTIONS = {
-    "film_tasks": (hadapeft.FiLMConfig, dict(num_tasks=3)),
-    "film_embeds": (hadapeft.FiLMConfig, dict(task_embed_dim=EMB)),
-    "hypermod_r1": (hadapeft.HyperModConfig, dict(num_tasks=3)),
-    "hypermod_r2": (hadapeft.HyperModConfig, dict(num_tasks=3, rank=2)),
-    "hypermod_embeds": (hadapeft.HyperModConfig, dict(task_embed_dim=EMB)),
-    "ia3_tasks": (hadapeft.HadaIA3Config, dict(num_tasks=3)),
-}
-OPTION_SETS.update(COND_OPTIONS)
+# The registered option sets whose adapter is conditioned per sample (num_tasks or task_embed_dim).
+COND_OPTIONS = {o: (t.config_cls, dict(s.kwargs)) for o, (t, s) in option_sets().items()
+                if t.make_config(o).conditioning_spec() is not None}
+assert all(kw.get("task_embed_dim", EMB) == EMB for _, kw in COND_OPTIONS.values())
 FAMS = ["llama", "gpt2", "bert", "vit"]
 CASES = [(o, f) for o in COND_OPTIONS for f in FAMS]
 case = pytest.mark.parametrize("option,family", CASES, ids=[f"{o}-{f}" for o, f in CASES])
@@ -62,16 +58,6 @@ def assert_same_grads(a: dict, b: dict, tol=1e-6):
 
 
 MIXED = torch.tensor([0, 2, 1, 2])
-
-
-# --- (1) identity at init ------------------------------------------------------------------------------------------
-@case
-def test_identity_at_init(option, family):
-    inputs = make_inputs(family, batch=4)
-    ref = logits(build_model(family), inputs)
-    model = peft_model(option, family, init_weights=True)
-    assert hada_layers(model)
-    assert torch.equal(logits(model, dict(inputs, **cond(option, MIXED))), ref)
 
 
 # --- (2) a mixed batch equals each task run on its own: forward and training gradients ---------------------------
@@ -125,8 +111,8 @@ def test_generate_mixed_batch(option, family):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing_same_gradients(option, family, reentrant):
-    inputs = dict(make_inputs(family, batch=4), **cond(option, MIXED))
-    assert_same_grads(*grads_with_and_without_checkpointing(option, family, reentrant, inputs))
+    assert_same_grads(*grads_with_and_without_checkpointing(option, family, reentrant, make_inputs(family, batch=4),
+                                                            ids=MIXED.tolist()))
 
 
 class _TaskData(torch.utils.data.Dataset):
@@ -195,33 +181,6 @@ def test_fresh_process_reload_reproduces_conditioned_logits(tmp_path):
 
 
 # --- save / load, multiple adapters, disable, dtypes ---------------------------------------------------------------
-@pytest.mark.parametrize("option", ["film_embeds", "hypermod_r2", "ia3_tasks"])
-def test_multiple_adapters_save_selected_and_disable(option, tmp_path):
-    inputs = dict(make_inputs("llama"), **cond(option, torch.tensor([0, 2])))
-    ref = logits(build_model("llama"), inputs)
-    model = peft_model(option, "llama")
-    out_default = logits(model, inputs)
-    torch.manual_seed(7)
-    model.add_adapter("other", make_config(option, "llama", init_weights=False))
-    assert torch.equal(logits(model, inputs), out_default)
-    model.set_adapter("other")
-    out_other = logits(model, inputs)
-    assert not torch.allclose(out_other, out_default)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(".other" in n for n in trainable)
-    with model.disable_adapter():
-        assert torch.equal(logits(model, inputs), ref)
-    model.save_pretrained(tmp_path, selected_adapters=["other"])
-    saved = load_file(tmp_path / "other" / "adapter_model.safetensors")
-    assert saved and not any(".other" in k or ".default" in k for k in saved)
-    fresh = PeftModel.from_pretrained(build_model("llama"), tmp_path / "other", adapter_name="renamed")
-    assert torch.allclose(logits(fresh, inputs), out_other, atol=1e-6, rtol=0)
-    model.set_adapter("default")
-    model.delete_adapter("other")
-    assert not any("other" in n for n, _ in model.named_parameters())
-    assert torch.equal(logits(model, inputs), out_default)
-
-
 @pytest.mark.parametrize("cls", [hadapeft.FiLMConfig, hadapeft.HyperModConfig])
 def test_two_active_adapters_one_on_ids_one_on_embeds(cls):
     """Both active: the second modulates the map built by the first (the composite path), both kinds of conditioning
@@ -250,21 +209,6 @@ def test_hypermod_checkpoint_without_hypernet_is_refused(tmp_path):
     with pytest.raises(hadapeft.AdapterCheckpointError, match="missing from the checkpoint.*hypermod_hypernet"):
         PeftModel.from_pretrained(base, tmp_path)
     assert not hada_layers(base)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("option", ["film_embeds", "hypermod_r2", "ia3_tasks"])
-def test_half_precision_bases(option, dtype):
-    inputs = dict(make_inputs("llama"), **cond(option, torch.tensor([1, 2])))
-    ref = logits(build_model("llama", dtype=dtype), inputs)
-    model = get_peft_model(build_model("llama", dtype=dtype), make_config(option, "llama"))
-    adapter = [p for n, p in model.named_parameters() if p.requires_grad]
-    assert adapter and all(p.dtype == torch.float32 for p in adapter)
-    out = logits(model, inputs)
-    assert out.dtype == dtype and torch.equal(out, ref)
-    model.train()
-    model(**inputs).logits.float().mean().backward()
-    assert all(p.grad is not None for p in adapter)
 
 
 def test_quantized_bases(tmp_path):
@@ -373,7 +317,7 @@ def test_layer_refuses_rows_that_do_not_fit_the_conditioning():
     (hadapeft.FiLMConfig, {}, "needs exactly one of num_tasks"),
     (hadapeft.FiLMConfig, dict(num_tasks=2, task_embed_dim=4), "needs exactly one of num_tasks"),
     (hadapeft.HyperModConfig, dict(num_tasks=0), "num_tasks must be a positive integer"),
-    (hadapeft.HyperModConfig, dict(num_tasks=2, rank=0), "rank must be a positive integer"),
+    (hadapeft.HyperModConfig, dict(num_tasks=2, r=0), "r must be a positive integer"),
     (hadapeft.HadaIA3Config, dict(num_tasks=-1), "num_tasks must be a positive integer"),
 ])
 def test_invalid_conditioned_configs(cls, kwargs, message):

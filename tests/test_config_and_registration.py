@@ -11,7 +11,8 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.utils import PeftType
 
 import hadapeft
-from hadapeft._peft_integration import UnsupportedPeftVersionError, _add_enum_member, check_peft_version
+from hadapeft.seam import UnsupportedPeftVersionError, check_peft_version
+from hadapeft.seam.registration import add_enum_member as _add_enum_member
 from hadapeft.core.layer import HadaLayer
 from conftest import build_model
 

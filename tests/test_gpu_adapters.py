@@ -15,7 +15,7 @@ import hadapeft  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from conftest import build_model, make_inputs  # noqa: E402
 from test_conditioned import COND_OPTIONS, cond  # noqa: E402
-from test_contract import OPTION_SETS, make_config  # noqa: E402
+from test_contract import make_config  # noqa: E402
 
 OPTIONS = ["gated_vector", "ia3", "ia3_all_linear", *COND_OPTIONS,
            # Measured on an H100 (2026-11-23, benchmarks/results/2026-11-23-h100-adapter-tests.txt): the scalar gate's

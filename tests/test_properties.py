@@ -126,11 +126,11 @@ def cond_config(kind, T, rank):
     if kind == "film_tasks":
         return hadapeft.FiLMConfig(num_tasks=T, **common)
     if kind == "film_embeds":
-        return hadapeft.FiLMConfig(task_embed_dim=EMB, generator_hidden=8, **common)
+        return hadapeft.FiLMConfig(task_embed_dim=EMB, hidden_dim=8, **common)
     if kind == "hypermod_tasks":
-        return hadapeft.HyperModConfig(num_tasks=T, rank=rank, embed_dim=8, hidden_dim=16, **common)
+        return hadapeft.HyperModConfig(num_tasks=T, r=rank, embed_dim=8, hidden_dim=16, **common)
     if kind == "hypermod_embeds":
-        return hadapeft.HyperModConfig(task_embed_dim=EMB, rank=rank, embed_dim=8, hidden_dim=16, **common)
+        return hadapeft.HyperModConfig(task_embed_dim=EMB, r=rank, embed_dim=8, hidden_dim=16, **common)
     return hadapeft.HadaIA3Config(num_tasks=T, feedforward_modules=[], **common)
 
 

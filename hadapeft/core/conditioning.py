@@ -7,7 +7,8 @@ model call, not through it (transformers models do not pass unknown kwargs down 
   adapters and sets them for the block, in a ``ContextVar`` keyed by the model (thread- and task-local: two threads
   running one model with different ids do not mix);
 * ``model(**batch, task_ids=ids)`` / ``model.generate(..., task_ids=ids)`` on a PeftModel do the same
-  (``hadapeft._peft_integration`` routes the kwargs here);
+  (``hadapeft.seam.peft_model`` routes the kwargs here through :func:`for_call`), and so does the base model's own
+  forward once it holds a conditioned adapter (:class:`ConditionedForward`, which the HF Trainer reads);
 * a layer asks :meth:`ConditioningState.current` for its adapter's conditioning and maps it to its input rows with
   :meth:`Conditioning.per_row` (``generate`` expands a batch of B to B·k rows for beam search / several return
   sequences by ``repeat_interleave``, so row r belongs to sample r // k).
@@ -22,6 +23,7 @@ the first with the second's conditioning; call backward per forward (as gradient
 from __future__ import annotations
 
 import contextlib
+import inspect
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Optional
@@ -29,6 +31,7 @@ from typing import Optional
 import torch
 
 from ..errors import ConditioningError
+from ..seam.hooks import in_backward as _in_backward
 
 # Attribute of the (transformers) base model that holds its ConditioningState; found through PeftModel and tuner too,
 # since both forward unknown attributes to the model they wrap.
@@ -106,7 +109,7 @@ class ConditioningState:
 
     def current(self, name: str) -> Conditioning:
         """The conditioning adapter ``name`` must use now (raises when there is none or it lacks what it needs)."""
-        in_backward = torch._C._current_graph_task_id() != -1  # a gradient-checkpointing recompute
+        in_backward = _in_backward()  # a gradient-checkpointing recompute
         cond = self.last if in_backward else next((c for s, c in _CURRENT.get() if s is self), None)
         spec = self.specs[name]
         arg, shape = ("task_ids", "LongTensor[batch]") if spec.num_tasks else \
@@ -210,12 +213,6 @@ def conditioning(model, task_ids=None, task_embeds=None, *, adapters=None, batch
         _CURRENT.reset(token)
 
 
-def per_row_table(table: torch.Tensor, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Rows ``table[index]`` shaped to broadcast over ``x`` (rows, ..., d): (rows, 1, ..., 1, d)."""
-    rows = table.index_select(0, index)
-    return rows.view(rows.shape[0], *([1] * (x.dim() - 2)), rows.shape[-1])
-
-
 @contextlib.contextmanager
 def merge_conditioning(tuner, adapter_names, task_id=None, task_embeds=None):
     """Around a merge: conditioned adapters among ``adapter_names`` (default: active) fold the one task ``task_id``
@@ -244,3 +241,63 @@ def merge_conditioning(tuner, adapter_names, task_id=None, task_embeds=None):
     embeds = None if task_embeds is None else torch.as_tensor(task_embeds).reshape(1, -1)
     with torch.no_grad(), conditioning(tuner, ids, embeds, adapters=adapters):
         yield
+
+
+# --- conditioning kwargs on model calls -------------------------------------------------------------------------
+CONDITIONING_KWARGS = ("task_ids", "task_embeds")
+_INPUT_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+
+
+def input_batch(args, kwargs) -> Optional[int]:
+    """Batch size of a model call (None when it cannot be told from the arguments)."""
+    for value in (*(kwargs.get(k) for k in _INPUT_KEYS), *args[:1]):
+        if hasattr(value, "shape") and len(value.shape) > 0:
+            return value.shape[0]
+    return None
+
+
+def for_call(model, task_ids, task_embeds, args, kwargs):
+    """:func:`conditioning` for one model call ``model(*args, **kwargs)`` (its batch size checked)."""
+    return conditioning(model, task_ids, task_embeds, batch=input_batch(args, kwargs))
+
+
+class ConditionedForward:
+    """Instance ``forward`` of a model with conditioned hadapeft adapters: the model's own forward, whose signature
+    also names ``task_ids`` and ``task_embeds`` (applied when given). The HF Trainer keeps only the dataset columns
+    that ``get_base_model().forward`` names, so a ``task_ids`` column survives ``remove_unused_columns=True``.
+
+    A plain object holding the model (not a closure), so that ``copy.deepcopy`` points the copy's forward at the copy
+    and the model still pickles."""
+
+    _hadapeft_conditioning = True
+
+    def __init__(self, model, inner=None):
+        self.model = model
+        self.inner = inner  # an instance forward that was there before (e.g. accelerate's hooks), else None
+        sig = inspect.signature(inner or model.forward)
+        params = [p for p in sig.parameters.values() if p.name not in CONDITIONING_KWARGS]
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in CONDITIONING_KWARGS]
+        at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
+        self.__signature__ = sig.replace(parameters=[*params[:at], *extra, *params[at:]])
+
+    def __call__(self, *args, task_ids=None, task_embeds=None, **kwargs):
+        inner = self.inner or type(self.model).forward.__get__(self.model)
+        if task_ids is None and task_embeds is None:
+            return inner(*args, **kwargs)
+        with for_call(self.model, task_ids, task_embeds, args, kwargs):
+            return inner(*args, **kwargs)
+
+
+def install_conditioned_forward(model) -> None:
+    """Give ``model`` a :class:`ConditionedForward` (idempotent)."""
+    current = model.__dict__.get("forward")
+    if not getattr(current, "_hadapeft_conditioning", False):
+        model.forward = ConditionedForward(model, current)
+
+
+def uninstall_conditioned_forward(model) -> None:
+    current = model.__dict__.get("forward")
+    if getattr(current, "_hadapeft_conditioning", False):
+        del model.forward
+        if current.inner is not None:
+            model.forward = current.inner

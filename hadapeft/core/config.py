@@ -7,13 +7,15 @@ argument list from it, so the two can never drift apart.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 from peft.config import PeftConfig
 
-from ..version import __version__
+from .. import registry
 from ..backend import BACKENDS
 from ..errors import HadapeftConfigError
+from ..seam.registration import peft_type
+from ..version import __version__
 
 
 def document_fields(cls):
@@ -56,8 +58,25 @@ class HadaConfig(PeftConfig):
     # peft reads these on every config; hadapeft adapters never target embeddings or raw parameters.
     target_parameters: Optional[list[str]] = field(default=None, repr=False)
 
+    # Field names of earlier releases -> today's, so that adapter_config.json files they wrote still load.
+    renamed_fields: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """peft calls this with the fields read from adapter_config.json: map renamed fields to their new names."""
+        for old, new in cls.renamed_fields.items():
+            if old in kwargs:
+                value = kwargs.pop(old)
+                kwargs.setdefault(new, value)
+        return super().check_kwargs(**kwargs)
+
     def __post_init__(self):
         super().__post_init__()
+        adapter_type = registry.type_of_config(self)
+        if adapter_type is None:
+            raise HadapeftConfigError(f"{type(self).__name__} is not a registered adapter type: register it with "
+                                      "hadapeft.registry.register(AdapterType(...))")
+        self.peft_type = peft_type(adapter_type.name)
         self._check_version()
         if self.hadapeft_version is None:
             self.hadapeft_version = __version__
@@ -131,3 +150,7 @@ class TaskConditionedConfig(HadaConfig):
         from .conditioning import ConditioningSpec
 
         return ConditioningSpec(str(self.peft_type.value), self.num_tasks, self.task_embed_dim)
+
+
+# One name per idea across configs: the rank of a low-rank term is ``r`` (as in peft's LoRA), the width of a small
+# MLP that produces an adapter's tables is ``hidden_dim``.

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..seam.hooks import dequantize_bnb_weight
+
 
 def _bnb_kind(layer: nn.Module) -> str | None:
     name = type(getattr(layer, "weight", None)).__name__
@@ -44,8 +46,6 @@ def dense_weight(layer: nn.Module, kind: str, dtype: torch.dtype | None = None) 
     elif kind == "conv1d":
         w = layer.weight.t()
     else:
-        from peft.utils.integrations import dequantize_bnb_weight
-
         w = dequantize_bnb_weight(layer.weight, state=getattr(layer, "state", None))
         w = w.reshape(layer.out_features, layer.in_features)
     return w if dtype is None else w.to(dtype)

@@ -1,16 +1,22 @@
 """HadaLayer: the Hadamard modulation of a frozen linear map, shared by every hadapeft adapter.
 
-An adapter layer wraps a frozen linear ``W0 x + b`` and, per active adapter, modulates it element-wise (scales on its
-input and/or output, an optional shift, an optional low-rank branch mixed by a gate). The subclasses only say:
+An adapter layer wraps a frozen linear ``h = W x + b`` and, per active adapter, modulates it element-wise. Every
+adapter is one instance of a single formula, :class:`Modulation`:
 
-* which parameters one adapter owns (``update_layer``),
-* how one adapter computes its output from the frozen layer (``adapter_forward``), once as a fused op on the dense
-  frozen weight (``inner is None``) and once on top of an inner map (when several adapters are active, each one
-  modulates the map built by the ones before it),
-* how one adapter folds into the weight (``merge_terms``), as ``W' = W ∘ M + W_add`` and ``b' = b ∘ m + b_add``.
+    y = γ ∘ (Σ_k o_k ∘ (W (i_k ∘ x)) + b∘o or b  +  β)  +  (1 − γ) ∘ (s · B A dropout(x))
 
-Everything else — weight access for Linear/Conv1D/bitsandbytes, dtype handling, merge / unmerge bookkeeping with exact
-restoration, safe_merge — lives here once.
+with per-sample tables (input scales i_k, output scales o_k, shift β; one row per task or per sample) and an optional
+gated low-rank branch. A subclass says only which parameters one adapter owns (``create_adapter``) and what its
+modulation is (``modulation``). From that one description this class derives
+
+* the fused forward on the dense frozen weight (``hadapeft.ops``: Triton kernel or PyTorch reference),
+* the composed forward on top of an inner map (several active adapters: each modulates the map built by the ones
+  before it; bitsandbytes bases keep their own matmul),
+* the merge terms ``W' = W ∘ M + W_add``, ``b' = b ∘ m + b_add`` (for one task),
+
+and weight access for Linear/Conv1D/bitsandbytes, dtype handling, merge / unmerge bookkeeping with exact restoration
+and safe_merge live here once. ``tests/test_contract.py`` checks fused, composed and merged paths against each other
+for every registered adapter.
 """
 
 from __future__ import annotations
@@ -20,14 +26,38 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from ..ops import clamp_gate, gated_lora_linear, modulated_linear
+from ..seam.tuner import SeamTunerLayer
 from . import frozen
 
 # Entries of a multiplicative merge term below this magnitude are not divided by on unmerge: their original values are
 # kept aside at merge time instead, so that unmerge restores the base weight exactly where division would not.
 UNMERGE_TINY = 1e-2
+
+
+@dataclass
+class LowRank:
+    """The gated low-rank branch ``(1 − γ) ∘ (s · B A dropout(x))``; γ = clamp(gate, 0, 1), straight-through."""
+
+    A: torch.Tensor  # (r, d_in)
+    B: torch.Tensor  # (d_out, r)
+    scaling: float  # s = lora_alpha / r
+    gate: torch.Tensor  # (d_out,) or (1,): the raw gate parameter
+    dropout: Optional[nn.Module] = None  # applied to x for the branch while training
+
+
+@dataclass
+class Modulation:
+    """What one adapter does to its frozen layer (see the module docstring); tables have T rows."""
+
+    scales: tuple = ((None, None),)  # ((i_k (T, d_in) | None, o_k (T, d_out) | None), ...): one pair per term
+    shift: Optional[torch.Tensor] = None  # β, (T, d_out)
+    rows: Optional[Callable] = None  # (n_rows, device) -> (n_rows,) table row of each input row; None: T == 1
+    scale_bias: bool = True  # True: o ∘ (W(i∘x) + b) (IA³, FiLM); False: o ∘ W(i∘x) + b (HyperMod: W ∘ (o iᵀ))
+    lora: Optional[LowRank] = None
 
 
 @dataclass
@@ -41,25 +71,35 @@ class MergeTerms:
     b_add: Optional[torch.Tensor] = None
 
 
-class HadaLayer(nn.Module, BaseTunerLayer):
+class SharedModules:
+    """A plain (non-module) reference from a layer to model-level modules held by the tuner (HyperMod's
+    hypernetworks), so that they are not registered, saved or moved a second time as children of every layer."""
+
+    def __init__(self, modules: nn.ModuleDict):
+        self.modules = modules
+
+
+class HadaLayer(nn.Module, SeamTunerLayer):
     # Subclass names end in "Linear": peft's "all-linear" expansion recognises already-adapted layers by that name.
     adapter_layer_names: tuple[str, ...] = ()
-    other_param_names: tuple[str, ...] = ()
+    # Per-adapter dicts; ``backend`` is in every layer, so it also says which adapters a layer holds.
+    other_param_names: tuple[str, ...] = ("backend",)
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, conditioning_state=None, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, conditioning_state=None, shared=None,
+                 **kwargs) -> None:
         super().__init__()
         # The model's ConditioningState (shared by its layers and tuner): where conditioned adapters read task_ids.
         self.conditioning_state = conditioning_state
+        self.shared: Optional[SharedModules] = shared
         mode = base_layer.training
         self.base_layer = base_layer
         self.base_kind = frozen.layer_kind(self.get_base_layer())
         self.in_features, self.out_features = frozen.in_out_features(self.get_base_layer())
-        self._disable_adapters = False
+        self.init_tuner_layer(adapter_name)
         self.merged_adapters: list[str] = []
         self._merge_stash: dict[str, dict] = {}
         self.backend: dict[str, str] = {}
         self.init_adapter_containers()
-        self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, **kwargs)
         self.train(mode)  # new modules start in train mode; follow the wrapped model's mode
 
@@ -72,11 +112,8 @@ class HadaLayer(nn.Module, BaseTunerLayer):
         """Create this adapter's parameters (identity when ``config.init_weights``)."""
         raise NotImplementedError
 
-    def adapter_forward(self, name: str, x: torch.Tensor, inner: Optional[Callable], dtype: torch.dtype):
-        """Output of adapter ``name``: fused on the frozen layer when ``inner`` is None, else modulating ``inner``."""
-        raise NotImplementedError
-
-    def merge_terms(self, name: str) -> MergeTerms:
+    def modulation(self, name: str) -> Modulation:
+        """Adapter ``name``'s formula, as tables for the current conditioning (see :class:`Modulation`)."""
         raise NotImplementedError
 
     # --- shared machinery -------------------------------------------------------------------------------------
@@ -84,11 +121,11 @@ class HadaLayer(nn.Module, BaseTunerLayer):
         self.backend[adapter_name] = config.backend
         self.create_adapter(adapter_name, config, **kwargs)
         self.train(self.training)  # modules the adapter just created follow the layer's mode
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.move_adapter_to_base_device(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def owns(self, name: str) -> bool:
-        return name in getattr(self, self.adapter_layer_names[0])
+        return name in self.backend
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=inference_mode)
@@ -126,6 +163,80 @@ class HadaLayer(nn.Module, BaseTunerLayer):
             return fn(x)
         with torch.autocast(x.device.type, enabled=False):  # the ops run in `dtype`, as the base layer would
             return fn(x)
+
+    def adapter_forward(self, name: str, x: torch.Tensor, inner: Optional[Callable], dtype: torch.dtype):
+        """Output of adapter ``name``: fused on the frozen layer when ``inner`` is None, else modulating ``inner``."""
+        mod = self.modulation(name)
+        index = None if mod.rows is None else mod.rows(x.shape[0], x.device)
+        cast = (lambda t: None if t is None else t.to(dtype))  # noqa: E731
+        lora = mod.lora
+        lora_x = None
+        if lora is not None and isinstance(lora.dropout, nn.Dropout) and self.training:
+            lora_x = lora.dropout(x)
+        if inner is None:
+            w, b = self.frozen_weight(dtype)
+            backend = self.backend[name]
+            if lora is not None:
+                return gated_lora_linear(x, w, b, cast(lora.A), cast(lora.B), cast(lora.gate), lora.scaling, lora_x,
+                                         backend=backend)
+            y = None
+            for k, (i, o) in enumerate(mod.scales):
+                term = modulated_linear(x, w, b if k == 0 else None, in_scale=cast(i), out_scale=cast(o),
+                                        shift=cast(mod.shift) if k == 0 else None, index=index,
+                                        scale_bias=mod.scale_bias, backend=backend)
+                y = term if y is None else y + term
+            return y
+        if lora is not None:
+            low = (x if lora_x is None else lora_x) @ cast(lora.A).t() @ (cast(lora.B) * lora.scaling).t()
+            return torch.lerp(low, inner(x), clamp_gate(lora.gate).to(dtype))
+
+        def row(t):  # a table's rows for the input rows, shaped to broadcast over x
+            return None if t is None else _per_row(cast(t), index, x)
+
+        if mod.scale_bias:  # o ∘ inner(i ∘ x) + β: inner's bias is scaled with its output
+            (i, o), = mod.scales
+            i, o = row(i), row(o)
+            y = inner(x if i is None else x * i)
+            y = y if o is None else y * o
+        else:  # inner is affine, inner(x) = A x + c, and W' = A ∘ Σ o_k i_kᵀ leaves c alone: with c = inner(0),
+            # y = Σ_k o_k ∘ (inner(i_k ∘ x) − c) + c (c computed on one position per row)
+            c = inner(x.new_zeros(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1]))
+            y = c
+            for i, o in mod.scales:
+                i, o = row(i), row(o)
+                t = inner(x if i is None else x * i) - c
+                y = y + (t if o is None else t * o)
+        return y if mod.shift is None else y + row(mod.shift)
+
+    def merge_terms(self, name: str) -> MergeTerms:
+        """Adapter ``name`` as ``W' = W ∘ M + W_add``, ``b' = b ∘ m + b_add``, in fp32; a conditioned adapter folds
+        the one task of the current conditioning (``merge_adapter(task_id=...)`` sets it)."""
+        with torch.no_grad():
+            mod = self.modulation(name)
+            lora = mod.lora
+            if lora is not None:
+                gate = clamp_gate(lora.gate).detach().float()
+                delta = (lora.B.detach().float() * lora.scaling) @ lora.A.detach().float()
+                return MergeTerms(M=gate.unsqueeze(-1), W_add=(1 - gate).unsqueeze(-1) * delta, m=gate)
+            k = 0 if mod.rows is None else mod.rows(1, torch.device("cpu"))[0]
+
+            def pick(t):  # row k of a table, fp32
+                return None if t is None else t.detach().float()[k]
+
+            M = None
+            for i, o in mod.scales:
+                i, o = pick(i), pick(o)
+                if i is None and o is None:
+                    term = torch.ones(1, 1)
+                elif i is None:
+                    term = o.unsqueeze(-1)
+                elif o is None:
+                    term = i.unsqueeze(0)
+                else:
+                    term = torch.outer(o, i)
+                M = term if M is None else M + term
+            out = pick(mod.scales[0][1]) if len(mod.scales) == 1 else None
+            return MergeTerms(M=M, m=out if mod.scale_bias else None, b_add=pick(mod.shift))
 
     # --- merge ------------------------------------------------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -190,10 +301,6 @@ class HadaLayer(nn.Module, BaseTunerLayer):
                 b = _undo_terms(base.bias.data.float(), t.m, t.b_add, record["b"])
                 base.bias.data = b.to(base.bias.dtype)
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self.backend.pop(adapter_name, None)
-
 
 class _Bound:
     """One adapter bound to its inner map: a picklable, introspectable closure."""
@@ -203,6 +310,15 @@ class _Bound:
 
     def __call__(self, x):
         return self.layer.adapter_forward(self.name, x, self.inner, self.dtype)
+
+
+def _per_row(table: torch.Tensor, index: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Rows ``table[index]`` shaped to broadcast over ``x`` (rows, ..., d): (rows, 1, ..., 1, d); with no index, the
+    table's single row."""
+    if index is None:
+        return table[0]
+    rows = table.index_select(0, index)
+    return rows.view(rows.shape[0], *([1] * (x.dim() - 2)), rows.shape[-1])
 
 
 def _apply_terms(t0, M, add):

@@ -5,23 +5,27 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
-from .._peft_integration import _unwrap_adapter, adapter_state_keys, install_conditioned_forward, \
-    uninstall_conditioned_forward
 from ..errors import AdapterCheckpointError, TargetModuleError
+from ..seam.hooks import adapter_state_keys
+from ..seam.tuner import SeamTuner, unwrap_adapter
 from . import frozen
-from .conditioning import STATE_ATTR, ConditioningState, merge_conditioning
-from .layer import HadaLayer
+from .conditioning import STATE_ATTR, ConditioningState, install_conditioned_forward, merge_conditioning, \
+    uninstall_conditioned_forward
+from .layer import HadaLayer, SharedModules
 
 
-class HadaModel(BaseTuner):
+class HadaModel(SeamTuner):
     """Base tuner. A subclass sets ``prefix``, ``tuner_layer_cls``, ``target_module_mapping`` and may add per-layer
-    arguments in ``layer_kwargs``."""
+    arguments in ``layer_kwargs``. A tuner that keeps model-level modules shared by its layers (HyperMod's
+    hypernetwork) puts them in ``self.shared_modules`` (saved with the adapter under ``<prefix>shared``); layers
+    reach them through ``layer.shared.modules``."""
 
     tuner_layer_cls: type[HadaLayer]
+    shared_name: Optional[str] = None  # attribute (and checkpoint key) of shared_modules; default "<prefix>shared"
 
     def layer_kwargs(self, config, adapter_name: str, key: str) -> dict:
         """Extra keyword arguments for ``tuner_layer_cls`` / ``update_layer`` of the module at ``key``."""
@@ -37,7 +41,15 @@ class HadaModel(BaseTuner):
             setattr(self.model, STATE_ATTR, state)
         return state
 
-    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **_):
+    @property
+    def shared_modules(self) -> nn.ModuleDict:
+        """Model-level modules per adapter name (empty unless a subclass adds some), saved as ``shared_name``."""
+        name = self.shared_name or f"{self.prefix}shared"
+        if name not in self._modules:
+            self.add_module(name, nn.ModuleDict())
+        return self._modules[name]
+
+    def wrap_target(self, config, adapter_name, target, target_name, parent, current_key):
         kwargs = self.layer_kwargs(config, adapter_name, current_key)
         if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, config, **kwargs)
@@ -50,13 +62,13 @@ class HadaModel(BaseTuner):
         except TypeError as e:
             raise TargetModuleError(f"target module {current_key!r} is a {type(target).__name__}: {e}") from None
         try:
-            new_module = self.tuner_layer_cls(target, adapter_name, config,
-                                              conditioning_state=self.conditioning_state, **kwargs)
+            new_module = self.tuner_layer_cls(target, adapter_name, config, conditioning_state=self.conditioning_state,
+                                              shared=SharedModules(self.shared_modules), **kwargs)
         except TargetModuleError as e:  # the layer does not know its name: add it
             raise TargetModuleError(f"target module {current_key!r}: {e}") from None
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        self.replace_module(parent, target_name, new_module, target)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """peft's injection, made all-or-nothing: on any error the model is put back as it was."""
@@ -77,8 +89,13 @@ class HadaModel(BaseTuner):
             install_conditioned_forward(model)
 
     def _rollback(self, model: nn.Module, adapter_name: str) -> None:
-        _unwrap_adapter(model, adapter_name)
+        unwrap_adapter(model, adapter_name)
         self._forget_conditioning(adapter_name)
+        self._drop_shared(adapter_name)
+
+    def _drop_shared(self, adapter_name: str) -> None:
+        if adapter_name in self.shared_modules:
+            del self.shared_modules[adapter_name]
 
     def _forget_conditioning(self, adapter_name: str) -> None:
         state = self.model.__dict__.get(STATE_ATTR)
@@ -91,6 +108,13 @@ class HadaModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._forget_conditioning(adapter_name)
+        self._drop_shared(adapter_name)
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        names = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+        for name, module in self.shared_modules.items():  # model-level: peft's set_adapter sees only the layers
+            module.requires_grad_(name in names and not inference_mode)
 
     # --- merge: a conditioned adapter merges one task -----------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False,
@@ -108,26 +132,24 @@ class HadaModel(BaseTuner):
             return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge,
                                             adapter_names=adapter_names)
 
-    def _unload_and_optionally_merge(self, *args, **kwargs):
-        model = super()._unload_and_optionally_merge(*args, **kwargs)
+    def after_unload(self, model):
         uninstall_conditioned_forward(model)
         model.__dict__.pop(STATE_ATTR, None)
-        return model
+        self.shared_modules.clear()
 
     @classmethod
-    def _remove_adapter_name_from_key(cls, key, adapter_name):
+    def checkpoint_key(cls, key, adapter_name):
         """Checkpoint key of a model key: drop the adapter name after the first ``<prefix>...`` container, wherever it
         sits — last (``film_gamma.default``), or with a sub-module after it (``film_generator.default.0.weight``,
         ``hypermod_hypernet.default.mlp.0.weight``), which peft's default (last or second to last) would keep."""
         pattern = rf"((?:^|\.){re.escape(cls.prefix)}[^.]*)\.{re.escape(adapter_name)}(?=\.|$)"
         new, n = re.subn(pattern, r"\1", key, count=1)
-        return new if n else super()._remove_adapter_name_from_key(key, adapter_name)
+        return new if n else super().checkpoint_key(key, adapter_name)
 
     @classmethod
-    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """peft's key remapping, then a check that the checkpoint holds exactly this adapter's tensors with the
-        shapes the model expects (peft would skip missing ones and torch would fail halfway through the others)."""
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+    def check_checkpoint(cls, model, config, adapter_name, remapped):
+        """The checkpoint holds exactly this adapter's tensors with the shapes the model expects (peft would skip
+        missing ones and torch would fail halfway through the others)."""
         state = model.state_dict()
         expected = {k: state[k] for k in adapter_state_keys(model, adapter_name)}
         missing = sorted(set(expected) - set(remapped))
@@ -149,4 +171,3 @@ class HadaModel(BaseTuner):
         if problems:
             raise AdapterCheckpointError(f"adapter {adapter_name!r} ({config.peft_type}) does not fit the model: "
                                          + "; ".join(problems))
-        return remapped

@@ -1,4 +1,5 @@
-"""Public ops: each picks the Triton kernel or the PyTorch reference through ``hadapeft.backend``.
+"""Public ops, and the one place that chooses how each runs: the Triton kernel (``hadapeft/kernels``), the lean
+PyTorch autograd Function, or the eager reference formula (``gated_lora.py`` / ``modulate.py`` implement them).
 
 Adapter layers call only these functions; they never launch kernels themselves.
 """
@@ -6,10 +7,15 @@ Adapter layers call only these functions; they never launch kernels themselves.
 from __future__ import annotations
 
 from ..backend import resolve_backend
-from .gated_lora import gated_lora_ref, gated_lora_torch
+from .gated_lora import clamp_gate, gated_lora_ref, gated_lora_torch
 from .modulate import modulated_linear_ref, modulated_linear_torch
 
-__all__ = ["gated_lora_linear", "modulated_linear", "gated_lora_ref", "modulated_linear_ref"]
+__all__ = ["gated_lora_linear", "modulated_linear", "clamp_gate", "gated_lora_ref", "modulated_linear_ref"]
+
+
+def _base_trains(weight, bias) -> bool:
+    """An unfrozen base (unusual): only the eager formula gives the weight its gradient."""
+    return weight.requires_grad or (bias is not None and bias.requires_grad)
 
 
 def gated_lora_linear(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=None, backend="auto"):
@@ -18,6 +24,8 @@ def gated_lora_linear(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=Non
         from ..kernels.gated_lora import gated_lora_triton
 
         return gated_lora_triton(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x)
+    if _base_trains(weight, bias):
+        return gated_lora_ref(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x)
     return gated_lora_torch(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x)
 
 
@@ -28,4 +36,6 @@ def modulated_linear(x, weight, bias, in_scale=None, out_scale=None, shift=None,
         from ..kernels.modulate import modulated_linear_triton
 
         return modulated_linear_triton(x, weight, bias, in_scale, out_scale, shift, index, scale_bias)
+    if _base_trains(weight, bias):
+        return modulated_linear_ref(x, weight, bias, in_scale, out_scale, shift, index, scale_bias)
     return modulated_linear_torch(x, weight, bias, in_scale, out_scale, shift, index, scale_bias)

@@ -83,7 +83,27 @@ class GatedLoraFunction(torch.autograd.Function):
 
 
 def gated_lora_torch(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=None):
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        # Unfrozen base (unusual): let autograd produce the weight gradients.
-        return gated_lora_ref(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x)
     return GatedLoraFunction.apply(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x)
+
+
+class _ClampSTE(torch.autograd.Function):
+    """γ = clamp(g, 0, 1) in the forward, identity in the backward (straight-through).
+
+    The gradient stays a plain sum over samples, so it is the same whether a batch is split over N processes or
+    micro-batches (a sign-dependent rule applied per backward would not be). γ = 1 at init sits on the boundary,
+    where a plain clamp's gradient would die for good once a step overshoots; instead the Gated LoRA layer projects
+    the parameter back into [0, 1] after every optimizer step, i.e. projected gradient descent.
+    """
+
+    @staticmethod
+    def forward(ctx, g):
+        return g.clamp(0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def clamp_gate(gate: torch.Tensor) -> torch.Tensor:
+    """γ = clamp(gate, 0, 1) with a straight-through gradient (what the fused op does inside)."""
+    return _ClampSTE.apply(gate)

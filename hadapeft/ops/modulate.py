@@ -126,6 +126,4 @@ class ModulatedLinearFunction(torch.autograd.Function):
 
 def modulated_linear_torch(x, weight, bias, in_scale=None, out_scale=None, shift=None, index=None,
                            scale_bias=True):
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        return modulated_linear_ref(x, weight, bias, in_scale, out_scale, shift, index, scale_bias)
     return ModulatedLinearFunction.apply(x, weight, bias, in_scale, out_scale, shift, index, scale_bias)

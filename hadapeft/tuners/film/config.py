@@ -2,8 +2,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft.utils import PeftType
-
 from ...core.config import TaskConditionedConfig, document_fields, help_field
 
 
@@ -13,7 +11,7 @@ class FiLMConfig(TaskConditionedConfig):
     """FiLM, feature-wise linear modulation of each target module's output h: ``y = γ(z) ∘ h + β(z)``, per sample.
 
     z is the sample's task (``num_tasks``: learned tables γ, β with one row per task, γ = 1 and β = 0 at init) or its
-    conditioning vector (``task_embed_dim``: a small generator per layer, ``task_embed → generator_hidden → 2·d_out``,
+    conditioning vector (``task_embed_dim``: a small generator per layer, ``task_embed → hidden_dim → 2·d_out``,
     whose last layer starts at zero, so γ = 1 + Δγ = 1 and β = 0 at init). ``merge_and_unload(task_id=k)`` folds one
     task into the layer: ``W' = diag(γ_k) W``, ``b' = γ_k ∘ b + β_k`` (a bias is added where the layer had none).
     Without ``target_modules``, FiLM goes on the attention query/value projections of known model families
@@ -21,9 +19,9 @@ class FiLMConfig(TaskConditionedConfig):
     Perez et al. 2018, https://arxiv.org/abs/1709.07871.
     """
 
-    generator_hidden: int = help_field(64, "Hidden width of the per-layer generator used with task_embed_dim.")
+    hidden_dim: int = help_field(64, "Hidden width of the per-layer generator used with task_embed_dim.")
+    renamed_fields = {"generator_hidden": "hidden_dim"}  # hadapeft <= 0.1.0
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = PeftType.FILM
-        self._positive("generator_hidden", self.generator_hidden)
+        self._positive("hidden_dim", self.hidden_dim)

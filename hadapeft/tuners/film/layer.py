@@ -5,9 +5,7 @@ import math
 import torch
 from torch import nn
 
-from ...core.conditioning import per_row_table
-from ...core.layer import HadaLayer, MergeTerms
-from ...ops import modulated_linear
+from ...core.layer import HadaLayer, Modulation
 
 
 class FiLMLinear(HadaLayer):
@@ -20,9 +18,6 @@ class FiLMLinear(HadaLayer):
         self.film_beta = nn.ParameterDict()  # (num_tasks, d_out), task_ids mode
         self.film_generator = nn.ModuleDict()  # task_embeds (B, e) -> [Δγ; β] (B, 2·d_out), task_embeds mode
 
-    def owns(self, name):
-        return name in self.film_gamma or name in self.film_generator
-
     def create_adapter(self, name, config, **kwargs):
         d = self.out_features
         if config.num_tasks:
@@ -34,7 +29,7 @@ class FiLMLinear(HadaLayer):
             self.film_gamma[name] = nn.Parameter(gamma)
             self.film_beta[name] = nn.Parameter(beta)
             return
-        H = config.generator_hidden
+        H = config.hidden_dim
         gen = nn.Sequential(nn.Linear(config.task_embed_dim, H), nn.SiLU(), nn.Linear(H, 2 * d))
         last = gen[-1]
         if config.init_weights:  # Δγ = β = 0 exactly for any input: the base model at init
@@ -44,26 +39,11 @@ class FiLMLinear(HadaLayer):
             nn.init.normal_(last.weight, std=1.0 / math.sqrt(H))
         self.film_generator[name] = gen
 
-    def tables(self, name, dtype):
-        """(γ, β, index): tables of shape (T, d_out) and the (rows,)-index function for the current conditioning."""
+    def modulation(self, name):
         cond = self.conditioning(name)
-        if name in self.film_gamma:
-            return self.film_gamma[name].to(dtype), self.film_beta[name].to(dtype), cond.task_rows
-        gen = self.film_generator[name]
-        out = gen(cond.task_embeds.to(gen[0].weight.device, gen[0].weight.dtype)).to(dtype)  # (B, 2·d_out)
-        d_gamma, beta = out.chunk(2, dim=-1)
-        return 1 + d_gamma, beta, cond.sample_rows
-
-    def adapter_forward(self, name, x, inner, dtype):
-        gamma, beta, rows = self.tables(name, dtype)
-        index = rows(x.shape[0], x.device)
-        if inner is None:
-            w, b = self.frozen_weight(dtype)
-            return modulated_linear(x, w, b, out_scale=gamma, shift=beta, index=index, backend=self.backend[name])
-        return inner(x) * per_row_table(gamma, index, x) + per_row_table(beta, index, x)
-
-    def merge_terms(self, name):
-        gamma, beta, rows = self.tables(name, torch.float32)
-        k = rows(1, gamma.device)  # the one task being merged
-        gamma, beta = gamma.detach()[k[0]], beta.detach()[k[0]]
-        return MergeTerms(M=gamma.unsqueeze(-1), m=gamma, b_add=beta)
+        if name in self.film_gamma:  # tables, one row per task
+            return Modulation(scales=((None, self.film_gamma[name]),), shift=self.film_beta[name],
+                              rows=cond.task_rows)
+        gen = self.film_generator[name]  # one row per sample, from its conditioning vector
+        d_gamma, beta = gen(cond.task_embeds.to(gen[0].weight.device, gen[0].weight.dtype)).chunk(2, dim=-1)
+        return Modulation(scales=((None, 1 + d_gamma),), shift=beta, rows=cond.sample_rows)

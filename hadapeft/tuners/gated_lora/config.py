@@ -3,8 +3,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from peft.utils import PeftType
-
 from ...core.config import HadaConfig, document_fields, help_field
 from ...errors import HadapeftConfigError
 
@@ -34,7 +32,6 @@ class GatedLoraConfig(HadaConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = PeftType.GATED_LORA
         self._positive("r", self.r)
         if not _is_number(self.lora_alpha) or not (0 < self.lora_alpha < math.inf):
             raise HadapeftConfigError(f"lora_alpha must be a positive number (finite), got {self.lora_alpha!r}")

@@ -6,26 +6,8 @@ import weakref
 import torch
 from torch import nn
 
-from ...core.layer import HadaLayer, MergeTerms
-from ...ops import gated_lora_linear
-
-
-class _ClampSTE(torch.autograd.Function):
-    """γ = clamp(g, 0, 1) in the forward, identity in the backward (straight-through).
-
-    The gradient stays a plain sum over samples, so it is the same whether a batch is split over N processes or
-    micro-batches (a sign-dependent rule applied per backward would not be). γ = 1 at init sits on the boundary,
-    where a plain clamp's gradient would die for good once a step overshoots; instead the parameter is projected back
-    into [0, 1] after every optimizer step (:func:`_project_gates_after_step`), i.e. projected gradient descent.
-    """
-
-    @staticmethod
-    def forward(ctx, g):
-        return g.clamp(0.0, 1.0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
+from ...core.layer import HadaLayer, LowRank, Modulation
+from ...ops import clamp_gate
 
 
 # Every live Gated LoRA layer. Parameters themselves cannot be marked: peft's dtype casts replace them.
@@ -53,8 +35,11 @@ def _install_gate_projection() -> None:
 
 
 class GatedLoraLinear(HadaLayer):
+    """``y = γ ∘ (W x + b) + (1 − γ) ∘ (s · B A dropout(x))``, γ = clamp(g, 0, 1) (straight-through gradient,
+    projected back into [0, 1] after each optimizer step)."""
+
     adapter_layer_names = ("gated_lora_A", "gated_lora_B", "gated_lora_gate")
-    other_param_names = ("scaling", "lora_dropout")
+    other_param_names = HadaLayer.other_param_names + ("scaling", "lora_dropout")
 
     def init_adapter_containers(self):
         self.gated_lora_A = nn.ParameterDict()
@@ -85,22 +70,8 @@ class GatedLoraLinear(HadaLayer):
 
     def gate(self, name: str) -> torch.Tensor:
         """γ in [0, 1] (shape (d_out,) or (1,))."""
-        return _ClampSTE.apply(self.gated_lora_gate[name])
+        return clamp_gate(self.gated_lora_gate[name])
 
-    def adapter_forward(self, name, x, inner, dtype):
-        A = self.gated_lora_A[name].to(dtype)
-        B = self.gated_lora_B[name].to(dtype)
-        s = self.scaling[name]
-        drop = self.lora_dropout[name]
-        lora_x = drop(x) if isinstance(drop, nn.Dropout) and self.training else None
-        if inner is None:  # the fused op clamps the gate itself (same straight-through gradient as `gate()`)
-            w, b = self.frozen_weight(dtype)
-            gate = self.gated_lora_gate[name].to(dtype)
-            return gated_lora_linear(x, w, b, A, B, gate, s, lora_x, backend=self.backend[name])
-        low = (x if lora_x is None else lora_x) @ A.t() @ (B * s).t()
-        return torch.lerp(low, inner(x), self.gate(name).to(dtype))
-
-    def merge_terms(self, name):
-        gate = self.gate(name).detach().float()
-        delta = (self.gated_lora_B[name].detach().float() * self.scaling[name]) @ self.gated_lora_A[name].detach().float()
-        return MergeTerms(M=gate.unsqueeze(-1), W_add=(1 - gate).unsqueeze(-1) * delta, m=gate)
+    def modulation(self, name):
+        return Modulation(lora=LowRank(self.gated_lora_A[name], self.gated_lora_B[name], self.scaling[name],
+                                       self.gated_lora_gate[name], self.lora_dropout[name]))

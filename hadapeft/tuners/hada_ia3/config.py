@@ -3,8 +3,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
-from peft.utils import PeftType
-
 from ...core.config import NUM_TASKS_HELP, HadaConfig, document_fields, help_field
 from ...errors import HadapeftConfigError
 
@@ -28,7 +26,6 @@ class HadaIA3Config(HadaConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = PeftType.HADA_IA3
         self._positive("num_tasks", self.num_tasks, allow_none=True)
         if isinstance(self.feedforward_modules, list):
             self.feedforward_modules = set(self.feedforward_modules)

@@ -3,17 +3,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...core.conditioning import per_row_table
-from ...core.layer import HadaLayer, MergeTerms
+from ...core.layer import HadaLayer, Modulation
 from ...errors import TargetModuleError
-from ...ops import modulated_linear
 
 
 class HadaIA3Linear(HadaLayer):
     """Scales the frozen layer's output (or, for feed-forward modules, its input) by a learned vector."""
 
     adapter_layer_names = ("hada_ia3_l",)
-    other_param_names = ("hada_ia3_tasks",)
+    other_param_names = HadaLayer.other_param_names + ("hada_ia3_tasks",)
 
     def __init__(self, base_layer, adapter_name, config, is_feedforward=False, fused_qkv=False, **kwargs):
         self.is_feedforward = is_feedforward
@@ -43,21 +41,7 @@ class HadaIA3Linear(HadaLayer):
             l = torch.cat([torch.ones_like(l[:, : l.shape[1] // 2]), l], dim=1)
         return l
 
-    def adapter_forward(self, name, x, inner, dtype):
-        l = self.scale(name).to(dtype)
-        index = self.conditioning(name).task_rows(x.shape[0], x.device) if self.hada_ia3_tasks[name] else None
-        if inner is None:
-            w, b = self.frozen_weight(dtype)
-            kw = {"in_scale": l} if self.is_feedforward else {"out_scale": l}
-            return modulated_linear(x, w, b, **kw, index=index, backend=self.backend[name])
-        l = l[0] if index is None else per_row_table(l, index, x)
-        if self.is_feedforward:
-            return inner(x * l)
-        return inner(x) * l
-
-    def merge_terms(self, name):
-        row = self.conditioning(name).task_ids[0] if self.hada_ia3_tasks[name] else 0
-        l = self.scale(name).detach().float()[row]
-        if self.is_feedforward:
-            return MergeTerms(M=l.unsqueeze(0))
-        return MergeTerms(M=l.unsqueeze(-1), m=l)
+    def modulation(self, name):
+        l = self.scale(name)
+        rows = self.conditioning(name).task_rows if self.hada_ia3_tasks[name] else None
+        return Modulation(scales=((l, None) if self.is_feedforward else (None, l),), rows=rows)

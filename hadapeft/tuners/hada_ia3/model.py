@@ -25,7 +25,7 @@ class HadaIA3Model(HadaModel):
         return {"is_feedforward": _matches(config.feedforward_modules, key),
                 "fused_qkv": _matches(config.fused_qkv_modules, key)}
 
-    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kw):
+    def wrap_target(self, config, adapter_name, target, target_name, parent, current_key):
         if isinstance(target, HadaIA3Linear):
             kwargs = self.layer_kwargs(config, adapter_name, current_key)
             if (kwargs["is_feedforward"], kwargs["fused_qkv"]) != (target.is_feedforward, target.fused_qkv):
@@ -33,12 +33,12 @@ class HadaIA3Model(HadaModel):
                     f"adapter {adapter_name!r} treats {current_key!r} as feedforward={kwargs['is_feedforward']}, "
                     f"fused_qkv={kwargs['fused_qkv']}, but the adapters already there use "
                     f"feedforward={target.is_feedforward}, fused_qkv={target.fused_qkv}")
-        super()._create_and_replace(config, adapter_name, target, target_name, parent, current_key, **kw)
+        super().wrap_target(config, adapter_name, target, target_name, parent, current_key)
 
-    def _prepare_adapter_config(self, config, model_config):
+    def prepare_config(self, config, model_config):
         model_type = model_config.get("model_type")
         defaulted = config.target_modules is None
-        config = super()._prepare_adapter_config(config, model_config)
+        config = super().prepare_config(config, model_config)
         if config.feedforward_modules is None:
             if defaulted or model_type in IA3_FEEDFORWARD:
                 ff = IA3_FEEDFORWARD.get(model_type)

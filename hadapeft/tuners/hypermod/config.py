@@ -2,8 +2,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft.utils import PeftType
-
 from ...core.config import TaskConditionedConfig, document_fields, help_field
 
 
@@ -14,7 +12,7 @@ class HyperModConfig(TaskConditionedConfig):
 
     One hypernetwork φ, shared by every target layer, maps [task embedding ; layer embedding ; module-kind embedding]
     through an MLP to a hidden vector, and a head per module kind (shared across layers) maps that to
-    ``u_1..u_rank`` (d_out), ``v_1..v_rank`` (d_in) and a shift β (d_out). Since ``W0 ∘ (u vᵀ) = diag(u) W0 diag(v)``,
+    ``u_1..u_r`` (d_out), ``v_1..v_r`` (d_in) and a shift β (d_out). Since ``W0 ∘ (u vᵀ) = diag(u) W0 diag(v)``,
     the layer computes ``y = Σ_i u_i ∘ (W0 (v_i ∘ x)) + b + β`` without forming W'. Heads start at zero with
     ``u_1 = v_i = 1``, ``u_{i>1} = 0``, β = 0: the base model at init. Trainable parameters grow with the hypernetwork
     (additively with tasks and layers), not with layers × tasks. With ``task_embed_dim`` the task embedding is a
@@ -24,12 +22,13 @@ class HyperModConfig(TaskConditionedConfig):
     https://arxiv.org/abs/2106.04489.
     """
 
-    rank: int = help_field(1, "Rank k of the multiplicative modulation Σ_i u_i v_iᵀ (k GEMMs per layer).")
+    r: int = help_field(1, "Rank r of the multiplicative modulation Σ_i u_i v_iᵀ (r GEMMs per layer).")
     embed_dim: int = help_field(32, "Width of the task, layer and module-kind embeddings fed to the hypernetwork.")
     hidden_dim: int = help_field(64, "Width of the hypernetwork's MLP (the input of the per-kind heads).")
 
+    renamed_fields = {"rank": "r"}  # hadapeft <= 0.1.0
+
     def __post_init__(self):
         super().__post_init__()
-        self.peft_type = PeftType.HYPERMOD
-        for name in ("rank", "embed_dim", "hidden_dim"):
+        for name in ("r", "embed_dim", "hidden_dim"):
             self._positive(name, getattr(self, name))

@@ -5,9 +5,8 @@ import math
 import torch
 from torch import nn
 
-from ...core.conditioning import Conditioning, per_row_table
-from ...core.layer import HadaLayer, MergeTerms
-from ...ops import modulated_linear
+from ...core.conditioning import Conditioning
+from ...core.layer import HadaLayer, Modulation
 
 
 class HyperNet(nn.Module):
@@ -20,7 +19,7 @@ class HyperNet(nn.Module):
     def __init__(self, config, num_layers: int):
         super().__init__()
         e, H = config.embed_dim, config.hidden_dim
-        self.rank, self.init_weights, self.embed_dim = config.rank, config.init_weights, e
+        self.rank, self.init_weights, self.embed_dim = config.r, config.init_weights, e
         self.task = nn.Embedding(config.num_tasks, e) if config.num_tasks else nn.Linear(config.task_embed_dim, e)
         self.layer = nn.Embedding(num_layers + 1, e)  # row num_layers: modules outside any numbered layer
         self.kind = nn.ParameterDict()  # kind -> (e,)
@@ -64,49 +63,21 @@ class HyperNet(nn.Module):
 class HyperModLinear(HadaLayer):
     """``y = Σ_i u_i ∘ (W0 (v_i ∘ x)) + b + β`` with (u, v, β) from the model's shared hypernetwork, per sample."""
 
-    # No parameters of its own: the hypernetwork lives on the tuner (model-level, shared by all layers).
+    # No parameters of its own: the hypernetworks live on the tuner (model-level, shared by all layers) and are
+    # reached through ``self.shared``.
     adapter_layer_names = ()
-    other_param_names = ("hypermod_layer", "hypermod_kind")
+    other_param_names = HadaLayer.other_param_names + ("hypermod_layer", "hypermod_kind")
 
     def init_adapter_containers(self):
         self.hypermod_layer: dict[str, int] = {}  # adapter -> row of the layer table
         self.hypermod_kind: dict[str, str] = {}  # adapter -> head key
 
-    def owns(self, name):
-        return name in self.hypermod_kind
-
-    def create_adapter(self, name, config, hypernets=None, layer_index=None, kind=None, **kwargs):
-        # A plain reference (not a registered child): the hypernetworks are saved, moved and cast with the tuner.
-        object.__setattr__(self, "_hypernets", hypernets)
+    def create_adapter(self, name, config, layer_index=None, kind=None, **kwargs):
         self.hypermod_layer[name] = layer_index
-        self.hypermod_kind[name] = hypernets[name].add_kind(kind, self.in_features, self.out_features)
+        self.hypermod_kind[name] = self.shared.modules[name].add_kind(kind, self.in_features, self.out_features)
 
-    def modulation(self, name, dtype):
+    def modulation(self, name):
         cond = self.conditioning(name)
-        u, v, beta = self._hypernets[name](cond, self.hypermod_layer[name], self.hypermod_kind[name])
-        return cond, u.to(dtype), v.to(dtype), beta.to(dtype)
-
-    def adapter_forward(self, name, x, inner, dtype):
-        cond, u, v, beta = self.modulation(name, dtype)
-        index = cond.sample_rows(x.shape[0], x.device)
-        if inner is None:
-            w, b = self.frozen_weight(dtype)
-            y = modulated_linear(x, w, b, in_scale=v[:, 0], out_scale=u[:, 0], shift=beta, index=index,
-                                 scale_bias=False, backend=self.backend[name])
-            for i in range(1, u.shape[1]):
-                y = y + modulated_linear(x, w, None, in_scale=v[:, i], out_scale=u[:, i], index=index,
-                                         scale_bias=False, backend=self.backend[name])
-            return y
-        # inner is affine, inner(x) = A x + c: W' = A ∘ (Σ u_i v_iᵀ) leaves c alone, so y = Σ u_i ∘ (inner(v_i ∘ x) − c)
-        # + c + β, with c = inner(0) computed on one position per row.
-        c = inner(x.new_zeros(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1]))
-        y = c + per_row_table(beta, index, x)
-        for i in range(u.shape[1]):
-            y = y + per_row_table(u[:, i], index, x) * (inner(x * per_row_table(v[:, i], index, x)) - c)
-        return y
-
-    def merge_terms(self, name):
-        with torch.no_grad():
-            _, u, v, beta = self.modulation(name, torch.float32)
-        M = torch.einsum("ro,ri->oi", u[0], v[0])  # Σ_i u_i v_iᵀ, (d_out, d_in)
-        return MergeTerms(M=M, b_add=beta[0])
+        u, v, beta = self.shared.modules[name](cond, self.hypermod_layer[name], self.hypermod_kind[name])
+        return Modulation(scales=tuple((v[:, i], u[:, i]) for i in range(u.shape[1])), shift=beta,
+                          rows=cond.sample_rows, scale_bias=False)

@@ -1,0 +1,104 @@
+"""Inventory of every private (or undocumented) name of peft, transformers and torch that hadapeft relies on.
+
+Each entry says where the name lives and why hadapeft needs it. ``tests/test_seam.py`` checks that every entry
+exists on the installed versions, so a peft / transformers / torch upgrade that renames one fails one clear test
+instead of fifty obscure ones. Code outside ``hadapeft/seam`` reaches these names only through this package (another
+test greps for private imports elsewhere).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Hook:
+    module: str  # importable module
+    name: str  # attribute path inside it ("BaseTuner._create_and_replace")
+    why: str
+
+    def resolve(self):
+        obj = importlib.import_module(self.module)
+        for part in self.name.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+_TU = "peft.tuners.tuners_utils"
+PRIVATE_HOOKS: tuple[Hook, ...] = (
+    # --- registering a type from outside peft (seam/registration.py) ---
+    Hook("peft.utils.peft_types", "PeftType._member_map_", "closed enum: members are added at runtime"),
+    Hook("peft.utils.peft_types", "PeftType._value2member_map_", "closed enum: members are added at runtime"),
+    Hook("peft.utils.peft_types", "PeftType._member_names_", "what list(PeftType) reads"),
+    Hook("peft.utils", "register_peft_method", "fills peft's type -> config / tuner / prefix mappings"),
+    Hook("peft.mapping", "PEFT_TYPE_TO_CONFIG_MAPPING", "idempotent registration; config class of a type"),
+    Hook("peft.mapping", "PEFT_TYPE_TO_PREFIX_MAPPING", "register_peft_method checks prefix clashes wrongly"),
+    # --- the tuner and layer base classes (seam/tuner.py maps these onto hadapeft-named methods) ---
+    Hook(_TU, "BaseTuner._create_and_replace", "wrap one target module"),
+    Hook(_TU, "BaseTuner._prepare_adapter_config", "default target_modules per model family"),
+    Hook(_TU, "BaseTuner._check_target_module_exists", "which modules an adapter targets (HyperMod's layer table)"),
+    Hook(_TU, "BaseTuner._replace_module", "put the wrapped module in place (device placement)"),
+    Hook(_TU, "BaseTuner._unload_and_optionally_merge", "drop conditioning state on unload"),
+    Hook(_TU, "BaseTuner._remove_adapter_name_from_key", "checkpoint keys of nested adapter containers"),
+    Hook(_TU, "BaseTuner._remap_adapter_state_dict_for_load", "refuse ill-fitting checkpoints before loading"),
+    Hook(_TU, "BaseTunerLayer._move_adapter_to_device_of_base_layer", "new adapter tensors follow the base layer"),
+    Hook(_TU, "BaseTunerLayer._all_available_adapter_names", "which adapters a layer holds (rollback)"),
+    Hook(_TU, "BaseTunerLayer._disable_adapters", "layer state peft's methods read"),
+    Hook(_TU, "BaseTunerLayer._active_adapter", "layer state peft's methods read"),
+    Hook(_TU, "_get_tuner_state_dict_key_prefixes", "select an adapter's state-dict keys as peft saves them"),
+    Hook(_TU, "_filter_state_dict_by_key_prefixes", "select an adapter's state-dict keys as peft saves them"),
+    # --- loading, saving and conditioning kwargs on peft's wrappers (seam/peft_model.py) ---
+    Hook("peft", "PeftModel.from_pretrained", "made all-or-nothing (it injects before reading the weights)"),
+    Hook("peft", "PeftModel.load_adapter", "made all-or-nothing"),
+    Hook("peft", "PeftModel.save_pretrained", "made crash-consistent for hadapeft adapters"),
+    Hook("peft.auto", "_BaseAutoPeftModel.from_pretrained", "safe-loading checks before AutoPeftModel* loads"),
+    Hook("peft.auto", "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "task wrappers whose forward / generate drop task_ids"),
+    Hook("peft.config", "PeftConfigMixin._get_peft_type", "start-up hint when hadapeft is not imported"),
+    Hook("peft.config", "PeftConfigMixin.from_peft_type", "start-up hint when hadapeft is not imported"),
+    # --- bitsandbytes bases (core/frozen.py through seam.dequantize_bnb_weight) ---
+    Hook("peft.utils.integrations", "dequantize_bnb_weight", "dense view of a 4-/8-bit weight for merging"),
+    # --- torch ---
+    Hook("torch._C", "_current_graph_task_id", "tell a gradient-checkpointing recompute (inside backward)"),
+)
+
+
+def missing_hooks() -> list[str]:
+    """The entries of :data:`PRIVATE_HOOKS` that the installed libraries lack, as ``module:name`` strings."""
+    missing = []
+    for hook in PRIVATE_HOOKS:
+        try:
+            hook.resolve()
+        except (ImportError, AttributeError):
+            missing.append(f"{hook.module}:{hook.name}")
+    return missing
+
+
+# --- accessors: the only way the rest of hadapeft reaches a private name -----------------------------------------
+def in_backward() -> bool:
+    """Whether autograd is running a backward on this thread (a gradient-checkpointing recompute)."""
+    import torch
+
+    return torch._C._current_graph_task_id() != -1
+
+
+def dequantize_bnb_weight(weight, state=None):
+    from peft.utils.integrations import dequantize_bnb_weight as dequantize
+
+    return dequantize(weight, state=state)
+
+
+def peft_config_class(peft_type):
+    """The config class peft maps ``peft_type`` to (None when peft does not know it)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+
+
+def adapter_state_keys(model, adapter_name: str) -> list[str]:
+    """Keys of ``model.state_dict()`` that hold adapter ``adapter_name``: its entries in the tuner layers and in
+    model-level containers on the tuner (HyperMod's hypernetwork), as peft selects them for saving."""
+    from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
+
+    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
+    return list(_filter_state_dict_by_key_prefixes(model.state_dict(), prefixes))
