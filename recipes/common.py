@@ -186,11 +186,12 @@ def load_config(recipe: "Recipe", path: Optional[str] = None, overrides: tuple[s
 
 def adapter_class(kind: str) -> type:
     """The peft config class of an adapter type name (``gated_lora``, ``hada_ia3``, ``film``, ``lora``, ...)."""
-    import hadapeft  # noqa: F401  (registers hadapeft's types with peft)
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft.utils import PeftType
+
+    from hadapeft.seam.hooks import peft_config_class  # importing hadapeft registers its types with peft
 
     kind = str(kind).upper()
-    by_name = {str(getattr(t, "value", t)).upper(): c for t, c in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+    by_name = {t.value.upper(): peft_config_class(t) for t in PeftType if peft_config_class(t) is not None}
     if kind not in by_name:
         ours = sorted(n.lower() for n, c in by_name.items() if c.__module__.startswith("hadapeft"))
         raise ConfigError(f"adapter.type {kind.lower()!r} is not a registered adapter type"

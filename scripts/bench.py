@@ -2,6 +2,7 @@
 
     python -m scripts.bench                       # preset by device: "gpu" on CUDA (bf16), "cpu" otherwise (fp32)
     python -m scripts.bench --op gated_lora film  # only these hadapeft ops (the baselines always run)
+    python -m scripts.bench --adapter all         # also each registered adapter's benchmark option sets, as layers
     python -m scripts.bench --e2e                 # training tokens/s + peak memory on a Llama-shaped model
 
 Layer mode: one linear layer, forward + backward (gradients of the input and of the adapter parameters; the base
@@ -16,7 +17,11 @@ weight is frozen), for each case:
     film          modulate, out-scale + shift, per-sample index, 4 tasks
     hypermod      modulate, rank-1 in + out scale, scale_bias=False, per-sample tables T = B, index = arange(B)
 
-hadapeft ops are called at the op level (``hadapeft.ops``), peft through its layer; x is (4, tokens / 4, d_in).
+    <option>      with --adapter: a registered adapter type's option set (``hadapeft.registry``, its
+                  ``bench_options``) through its peft layer, conditioned per sample on tasks 0..3
+
+hadapeft ops are called at the op level (``hadapeft.ops``), peft and --adapter cases through their layer; x is
+(4, tokens / 4, d_in).
 Time: median over many repeats after a warm-up, cycling through several preallocated inputs and output gradients
 (so no case runs from a warm cache); CUDA events on GPU, ``time.perf_counter`` on CPU, where the cases of a shape take
 turns repeat by repeat so that a slow spell of a shared machine slows every case alike.
@@ -93,6 +98,46 @@ def _peft_layer(kind, base: nn.Linear):
     return layer, params
 
 
+def registered_options() -> dict:
+    """option set -> adapter type, for the option sets each registered adapter type benchmarks."""
+    from hadapeft import registry
+
+    return {o: t for t in registry.ADAPTER_TYPES.values() for o in t.benchmarked}
+
+
+def conditioning_kwargs(config, batch, device) -> dict:
+    """Per-sample conditioning for a conditioned config (tasks 0, 1, ... in one batch), else nothing."""
+    spec = config.conditioning_spec()
+    if spec is None:
+        return {}
+    if spec.num_tasks:
+        return {"task_ids": torch.arange(batch, device=device) % spec.num_tasks}
+    return {"task_embeds": torch.randn(batch, spec.task_embed_dim, generator=torch.Generator().manual_seed(0)
+                                       ).to(device)}
+
+
+def _adapter_layer(option, base: nn.Linear, backend):
+    """A registered adapter's option set on a one-layer module: (fn(x) -> y, its trainable parameters)."""
+    import hadapeft
+    from peft import get_peft_model
+
+    module = _OneLayer(base.in_features, base.out_features)
+    module.proj = base
+    config = registered_options()[option].make_config(option, target_modules=["proj"], init_weights=False,
+                                                      backend=backend)
+    model = get_peft_model(module, config, autocast_adapter_dtype=False)
+    model.to(base.weight.dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = conditioning_kwargs(config, BATCH, base.weight.device)
+
+    def fn(x):
+        if not kwargs:
+            return model(x)
+        with hadapeft.conditioning(model, **kwargs):
+            return model(x)
+    return fn, params
+
+
 def make_case(name, backend, d_in, d_out, dtype, device):
     """Returns (fn(x) -> y, trainable params, frozen tensors)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -107,6 +152,9 @@ def make_case(name, backend, d_in, d_out, dtype, device):
     if name.startswith("peft_"):
         layer, params = _peft_layer(name, base)
         return layer, params, [base.weight]
+    if name in registered_options():
+        fn, params = _adapter_layer(name, base, backend)
+        return fn, params, [base.weight]
 
     from hadapeft.ops import gated_lora_linear, modulated_linear
 
@@ -323,6 +371,7 @@ def run_layers(args, device, dtype):
     for d_in, d_out in shapes:
         for tokens in tokens_list:
             cases = [(b, None) for b in BASELINES] + [(op, be) for op in args.op for be in backends]
+            cases += [(o, be) for o in args.adapter for be in backends]
             results = {}
             # On CPU the cases are built together and take turns repeat by repeat (interleaved_cpu_times); on GPU
             # one at a time, so only one case's inputs occupy memory.
@@ -370,20 +419,16 @@ def _e2e_methods(device):
     methods = [("peft_lora", None, lambda: LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=ALL_LINEAR)),
                ("peft_ia3", None, lambda: IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FF))]
     try:
-        import hadapeft
+        import hadapeft  # noqa: F401
     except Exception as e:  # noqa: BLE001 - report and benchmark what exists
-        hadapeft, why = None, f"import hadapeft failed: {type(e).__name__}: {e}"
-    for label, attr, make in (
-        ("hadapeft_gated_lora", "GatedLoraConfig",
-         lambda h: h.GatedLoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=ALL_LINEAR)),
-        ("hadapeft_ia3", "HadaIA3Config",
-         lambda h: h.HadaIA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FF)),
-    ):
+        why = f"import hadapeft failed: {type(e).__name__}: {e}"
+        return methods + [("hadapeft", None, why)]
+    for option, adapter_type in registered_options().items():
+        # Gated LoRA on all linear layers like peft LoRA; the others on their model-family defaults.
+        kw = dict(r=RANK, lora_alpha=ALPHA, target_modules=ALL_LINEAR) if adapter_type.name == "GATED_LORA" else {}
         for backend in backends_available(device):
-            if hadapeft is None or not hasattr(hadapeft, attr):
-                methods.append((label, backend, why if hadapeft is None else f"hadapeft.{attr} does not exist yet"))
-            else:
-                methods.append((label, backend, lambda make=make: make(hadapeft)))
+            methods.append((f"hadapeft_{option}", backend,
+                            lambda o=option, t=adapter_type, kw=kw: t.make_config(o, **kw)))
     return methods
 
 
@@ -409,7 +454,9 @@ def run_e2e(args, device, dtype):
         try:
             torch.manual_seed(0)
             model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
-            model = get_peft_model(model, make(), autocast_adapter_dtype=False)
+            config = make()
+            model = get_peft_model(model, config, autocast_adapter_dtype=False)
+            cond = conditioning_kwargs(config, batch, device) if hasattr(config, "conditioning_spec") else {}
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             ctx = contextlib.nullcontext()
             if backend is not None:
@@ -419,7 +466,7 @@ def run_e2e(args, device, dtype):
             with ctx:
                 def train_step(i):
                     ids = batches[i % len(batches)]
-                    loss = model(input_ids=ids, labels=ids).loss
+                    loss = model(input_ids=ids, labels=ids, **cond).loss
                     loss.backward()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
@@ -608,6 +655,8 @@ def e2e_markdown(env, rows, args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--op", nargs="+", default=list(HADAPEFT_OPS), choices=HADAPEFT_OPS, help="hadapeft ops to run")
+    p.add_argument("--adapter", nargs="+", default=[], metavar="OPTION",
+                   help="registered adapter option sets to time as layers ('all': every type's bench options)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu on CUDA, cpu otherwise")
     p.add_argument("--shapes", nargs="+", help="d_inxd_out, e.g. 4096x4096 (overrides the preset)")
     p.add_argument("--tokens", nargs="+", type=int, help="token counts (overrides the preset)")
@@ -620,6 +669,11 @@ def main(argv=None):
     p.add_argument("--profile", metavar="FILE", help="append a torch.profiler kernel table per case to FILE")
     p.add_argument("--tag", default=None, help="file name device tag (default: h100, h200, a100, ... or cpu)")
     args = p.parse_args(argv)
+    known = registered_options()
+    args.adapter = list(known) if args.adapter == ["all"] else args.adapter
+    unknown = sorted(set(args.adapter) - set(known))
+    if unknown:
+        p.error(f"--adapter {unknown}: not a benchmarked option set; choose from {sorted(known)} or 'all'")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")

@@ -31,7 +31,16 @@ if __package__ in (None, ""):  # python scripts/inspect_adapter.py: make the rep
 
 import torch  # noqa: E402
 
-QUANTITY = {"GATED_LORA": "gate γ", "HADA_IA3": "scale l", "FILM": "scale γ(task)", "HYPERMOD": "row mean of u vᵀ"}
+
+
+def quantity(kind: str) -> str:
+    """What the adapter type reports per feature (declared with its registration in ``hadapeft.registry``)."""
+    from hadapeft import registry
+
+    adapter_type = registry.ADAPTER_TYPES.get(kind)
+    return adapter_type.quantity if adapter_type else "modulation"
+
+
 _INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -117,7 +126,7 @@ def print_table(kind: str, stats: list[LayerStats], top_k: int) -> list[dict]:
                       f"{r['mean']:.4f}", f"{r['std']:.4f}", f"{r['min']:.4f}", f"{r['max']:.4f}",
                       f"{100 * r['open_frac']:.1f}%"] + [f"{r[k]:.4f}" for k in extra] + [top])
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(head)]
-    print(f"{kind.lower()}: {QUANTITY.get(kind, 'modulation')} per feature (1 = unchanged), {len(stats)} rows")
+    print(f"{kind.lower()}: {quantity(kind)} per feature (1 = unchanged), {len(stats)} rows")
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
@@ -131,7 +140,7 @@ def plot(kind: str, stats: list[LayerStats], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    quantity = QUANTITY.get(kind, "modulation")
+    quantity_label = quantity(kind)
     tasks = sorted({s.task for s in stats}, key=lambda t: -1 if t is None else t)
     modules = list(dict.fromkeys(s.module for s in stats))
     by = {(s.module, s.task): s for s in stats}
@@ -154,7 +163,7 @@ def plot(kind: str, stats: list[LayerStats], out_dir: Path) -> list[Path]:
         ax.axis("off")
     if tasks[0] is not None:
         axes.flat[0].legend(fontsize=6)
-    fig.suptitle(f"{kind.lower()}: histogram of {quantity} per layer")
+    fig.suptitle(f"{kind.lower()}: histogram of {quantity_label} per layer")
     fig.tight_layout()
     paths.append(_save(fig, out_dir / "gate_histograms.png", plt))
 
@@ -169,8 +178,8 @@ def plot(kind: str, stats: list[LayerStats], out_dir: Path) -> list[Path]:
     ax.axhline(1.0, color="grey", lw=0.8, ls="--")
     ax.set_xticks(list(x))
     ax.set_xticklabels(labels, rotation=90, fontsize=7)
-    ax.set_ylabel(f"mean {quantity}")
-    ax.set_title(f"{kind.lower()}: mean {quantity} per layer (± std; dashed: unchanged)")
+    ax.set_ylabel(f"mean {quantity_label}")
+    ax.set_title(f"{kind.lower()}: mean {quantity_label} per layer (± std; dashed: unchanged)")
     if tasks[0] is not None:
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -189,7 +198,7 @@ def plot(kind: str, stats: list[LayerStats], out_dir: Path) -> list[Path]:
         ax.set_yticks(range(len(modules)))
         ax.set_yticklabels(labels, fontsize=6)
         ax.set_xlabel("feature", fontsize=8)
-        ax.set_title(f"|1 − {quantity}| per feature {task_name(t)}".strip(), fontsize=9)
+        ax.set_title(f"|1 − {quantity_label}| per feature {task_name(t)}".strip(), fontsize=9)
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     paths.append(_save(fig, out_dir / "open_features.png", plt))
