@@ -198,7 +198,7 @@ def _film(table):
 def _hypermod(model_type, num_tasks):
     import hadapeft
 
-    return hadapeft.HyperModConfig(target_modules=_targets("ATTENTION", model_type), num_tasks=num_tasks, rank=1)
+    return hadapeft.HyperModConfig(target_modules=_targets("ATTENTION", model_type), num_tasks=num_tasks, r=1)
 
 
 METHODS = {m.name: m for m in [
