@@ -1,9 +1,13 @@
 """The one dispatch point between the fused Triton kernels and the PyTorch reference path.
 
 Priority, highest first:
-1. ``with hadapeft.use_backend("torch"):`` (tests, debugging; thread- and task-local),
-2. the environment variable ``HADAPEFT_BACKEND`` (``auto`` | ``torch`` | ``triton``),
+1. ``with hadapeft.use_backend("torch"):`` (tests, debugging; process-wide while the block runs),
+2. the environment variable ``HADAPEFT_BACKEND`` (``auto`` | ``torch`` | ``triton``), read when hadapeft is imported,
 3. the adapter config's ``backend`` field.
+
+Resolution is cheap and traceable by ``torch.compile`` (plain module globals, no ``ContextVar`` or environment read
+per call): layers call :func:`resolve_backend` on every forward, and dynamo guards on the globals, so entering
+``use_backend`` recompiles rather than silently keeping the old choice.
 
 ``auto`` picks Triton for CUDA tensors when Triton imports, else the PyTorch reference. ``triton`` on a CPU tensor is
 allowed only under ``TRITON_INTERPRET=1`` (Triton's numpy interpreter, used by the CPU test-suite).
@@ -14,14 +18,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from contextvars import ContextVar
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "HADAPEFT_BACKEND"
 
-_forced: ContextVar[str | None] = ContextVar("hadapeft_backend", default=None)
+_forced: str | None = None  # set by use_backend
 
 
 class BackendUnavailableError(RuntimeError):
@@ -47,20 +50,28 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _read_env() -> str | None:
+    value = os.environ.get(ENV_VAR) or None
+    return None if value is None else check_backend_name(value, source=ENV_VAR)
+
+
+_env: str | None = _read_env()
+
+
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force a backend for everything run inside the block (overrides env and config)."""
-    token = _forced.set(check_backend_name(name))
+    """Force a backend for everything run inside the block, in every thread (overrides env and config)."""
+    global _forced
+    previous, _forced = _forced, check_backend_name(name)
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced = previous
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
     """Return ``"torch"`` or ``"triton"`` for an op on ``device``."""
-    choice = _forced.get() or os.environ.get(ENV_VAR) or requested
-    check_backend_name(choice, source=ENV_VAR if choice == os.environ.get(ENV_VAR) else "backend")
+    choice = _forced or _env or requested
     if choice == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if choice == "triton":

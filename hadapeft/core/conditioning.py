@@ -13,6 +13,12 @@ model call, not through it (transformers models do not pass unknown kwargs down 
   :meth:`Conditioning.per_row` (``generate`` expands a batch of B to B·k rows for beam search / several return
   sequences by ``repeat_interleave``, so row r belongs to sample r // k).
 
+Under ``torch.compile`` the ``ContextVar`` is replaced by a plain attribute of the model's :class:`ConditioningState`
+(dynamo cannot trace ``ContextVar``; the conditioning tensors become graph inputs), so a compiled model is one graph
+with conditioning passed as kwargs or through ``hadapeft.conditioning`` (there per model, not per thread). Task ids are range-checked without reading
+them back to the host from a device (``.item()`` would sync CUDA and break CUDA-graph capture): on a CPU tensor the
+check reads its memory directly; on CUDA and under compile it is a device-side assertion.
+
 Gradient checkpointing recomputes the forward inside backward, after the block has exited (and, on CUDA, on
 autograd's own threads, which do not see the ContextVar). So the conditioning of the last forward run with grad
 enabled is also kept on the model's :class:`ConditioningState` and used for any layer that runs inside backward.
@@ -31,6 +37,7 @@ from typing import Optional
 import torch
 
 from ..errors import ConditioningError
+from ..seam.hooks import assert_async
 from ..seam.hooks import in_backward as _in_backward
 
 # Attribute of the (transformers) base model that holds its ConditioningState; found through PeftModel and tuner too,
@@ -102,6 +109,9 @@ class ConditioningState:
         self.specs: dict[str, ConditioningSpec] = {}
         self.active: list[str] = []
         self.last: Optional[Conditioning] = None  # of the last forward entered with grad enabled
+        # The current conditioning as a plain attribute, for compiled code (which cannot read the ContextVar). Set by
+        # every ``conditioning`` block, so it is per model, not per thread, under torch.compile.
+        self.traced: Optional[Conditioning] = None
 
     def needed(self, adapters: Optional[list[str]] = None) -> dict[str, ConditioningSpec]:
         names = self.active if adapters is None else adapters
@@ -109,8 +119,11 @@ class ConditioningState:
 
     def current(self, name: str) -> Conditioning:
         """The conditioning adapter ``name`` must use now (raises when there is none or it lacks what it needs)."""
-        in_backward = _in_backward()  # a gradient-checkpointing recompute
-        cond = self.last if in_backward else next((c for s, c in _CURRENT.get() if s is self), None)
+        if torch.compiler.is_compiling():
+            in_backward, cond = False, self.traced
+        else:
+            in_backward = _in_backward()  # a gradient-checkpointing recompute
+            cond = self.last if in_backward else next((c for s, c in _CURRENT.get() if s is self), None)
         spec = self.specs[name]
         arg, shape = ("task_ids", "LongTensor[batch]") if spec.num_tasks else \
             ("task_embeds", f"FloatTensor[batch, {spec.task_embed_dim}]")
@@ -137,12 +150,20 @@ def _check_ids(task_ids, needed) -> torch.Tensor:
     if task_ids.dim() != 1:
         raise ConditioningError(f"task_ids must be 1-D (one task per sample), got shape {tuple(task_ids.shape)}")
     task_ids = task_ids.long()
-    if task_ids.numel():
-        lo, hi = task_ids.min().item(), task_ids.max().item()
-        for name, spec in needed.items():
-            if spec.num_tasks and (lo < 0 or hi >= spec.num_tasks):
+    tables = {name: spec for name, spec in needed.items() if spec.num_tasks}
+    if not task_ids.numel() or not tables:
+        return task_ids
+    if task_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        values = task_ids.detach().numpy()  # reads the memory: no aten op, no sync
+        lo, hi = int(values.min()), int(values.max())
+        for name, spec in tables.items():
+            if lo < 0 or hi >= spec.num_tasks:
                 raise ConditioningError(f"task_ids out of range for {spec.describe(name)}: got values in "
                                         f"[{lo}, {hi}], expected [0, {spec.num_tasks - 1}]")
+        return task_ids
+    for name, spec in tables.items():
+        assert_async(((task_ids >= 0) & (task_ids < spec.num_tasks)).all(),
+                     f"task_ids out of range for {spec.describe(name)}: expected [0, {spec.num_tasks - 1}]")
     return task_ids
 
 
@@ -206,11 +227,19 @@ def conditioning(model, task_ids=None, task_embeds=None, *, adapters=None, batch
     check_batch(cond, batch)
     if torch.is_grad_enabled():
         state.last = cond  # for gradient-checkpointing recomputation in backward (module docstring)
+    previous, state.traced = state.traced, cond
+    if torch.compiler.is_compiling():
+        try:
+            yield cond
+        finally:
+            state.traced = previous
+        return
     token = _CURRENT.set(tuple((s, c) for s, c in _CURRENT.get() if s is not state) + ((state, cond),))
     try:
         yield cond
     finally:
         _CURRENT.reset(token)
+        state.traced = previous
 
 
 @contextlib.contextmanager
@@ -274,6 +303,9 @@ class ConditionedForward:
     def __init__(self, model, inner=None):
         self.model = model
         self.inner = inner  # an instance forward that was there before (e.g. accelerate's hooks), else None
+        # The class's forward, looked up now: under torch.compile, ``type(model).forward.__get__(model)`` would
+        # resolve to this instance attribute itself and recurse.
+        self.cls_forward = type(model).forward
         sig = inspect.signature(inner or model.forward)
         params = [p for p in sig.parameters.values() if p.name not in CONDITIONING_KWARGS]
         extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in CONDITIONING_KWARGS]
@@ -281,11 +313,15 @@ class ConditionedForward:
         self.__signature__ = sig.replace(parameters=[*params[:at], *extra, *params[at:]])
 
     def __call__(self, *args, task_ids=None, task_embeds=None, **kwargs):
-        inner = self.inner or type(self.model).forward.__get__(self.model)
         if task_ids is None and task_embeds is None:
-            return inner(*args, **kwargs)
+            return self._inner(*args, **kwargs)
         with for_call(self.model, task_ids, task_embeds, args, kwargs):
-            return inner(*args, **kwargs)
+            return self._inner(*args, **kwargs)
+
+    def _inner(self, *args, **kwargs):
+        if self.inner is not None:
+            return self.inner(*args, **kwargs)
+        return self.cls_forward(self.model, *args, **kwargs)
 
 
 def install_conditioned_forward(model) -> None:

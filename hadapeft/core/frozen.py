@@ -7,6 +7,8 @@ base layer stores it: ``nn.Linear`` (as is), GPT-2's ``Conv1D`` (transposed, ``(
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -51,11 +53,14 @@ def dense_weight(layer: nn.Module, kind: str, dtype: torch.dtype | None = None) 
     return w if dtype is None else w.to(dtype)
 
 
-def compute_dtype(layer: nn.Module, kind: str, x: torch.Tensor) -> torch.dtype:
-    """The dtype the base layer would compute in for input ``x`` (autocast respected)."""
-    if torch.is_autocast_enabled(x.device.type):
+def compute_dtype(layer: nn.Module, kind: str, x: torch.Tensor, autocast: Optional[bool] = None) -> torch.dtype:
+    """The dtype the base layer would compute in for input ``x`` (autocast respected; ``autocast``: whether it is on
+    for x's device, if the caller knows)."""
+    if autocast is None:
+        autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast:
         return torch.get_autocast_dtype(x.device.type)
-    if kind in ("linear", "conv1d"):
+    if kind == "linear" or kind == "conv1d":
         return layer.weight.dtype
     if kind == "4bit" and getattr(layer, "compute_dtype", None) is not None:
         return layer.compute_dtype

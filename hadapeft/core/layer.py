@@ -29,6 +29,9 @@ import torch
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+import torch.nn.functional as F
+
+from ..backend import resolve_backend
 from ..ops import clamp_gate, gated_lora_linear, modulated_linear
 from ..seam.tuner import SeamTunerLayer
 from . import frozen
@@ -138,75 +141,105 @@ class HadaLayer(nn.Module, SeamTunerLayer):
 
     def frozen_weight(self, dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Dense (d_out, d_in) frozen weight and bias in ``dtype``."""
-        base = self.get_base_layer()
-        w = frozen.dense_weight(base, self.base_kind, dtype)
-        b = base.bias
-        return w, (None if b is None else b.to(dtype))
+        base = self.base_layer
+        return _cast(frozen.dense_weight(base, self.base_kind), dtype), _cast(base.bias, dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
+        # The hot path of every adapted layer: plain attribute reads, no per-call allocations beyond the math.
+        base = self.base_layer
+        if self._disable_adapters:
+            if self.merged_adapters:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if self.owns(a)]
-        if self.merged or not active:
-            return self.base_layer(x, *args, **kwargs)
-        dtype = frozen.compute_dtype(self.get_base_layer(), self.base_kind, x)
-        x = x.to(dtype)
-        # Dense bases go through the fused ops (inner=None). Quantized bases keep their own forward (bitsandbytes'
-        # int8 / 4-bit matmul, which re-dequantizes in backward) so QLoRA's memory profile is preserved: a fused op
-        # would have to hold a dequantized copy of W until backward.
-        fn: Optional[Callable] = None if self.base_kind in ("linear", "conv1d") else self.base_layer
+            return base(x, *args, **kwargs)
+        active = self._active_adapter
+        active = [a for a in ((active,) if isinstance(active, str) else active) if a in self.backend]
+        if self.merged_adapters or not active:
+            return base(x, *args, **kwargs)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = frozen.compute_dtype(base, self.base_kind, x, autocast)
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        # Dense bases: the first adapter runs on the frozen weight itself (inner=None). Quantized bases keep their own
+        # forward (bitsandbytes' int8 / 4-bit matmul, which re-dequantizes in backward) so QLoRA's memory profile is
+        # preserved: a fused op would have to hold a dequantized copy of W until backward.
+        fn: Optional[Callable] = None if self.base_kind in ("linear", "conv1d") else base
         for name in active:  # each adapter modulates the map built so far
             fn = _Bound(self, name, fn, dtype)
-        if not torch.is_autocast_enabled(x.device.type):  # entering an autocast context costs host time per call
+        if not autocast:  # entering an autocast context costs host time per call
             return fn(x)
         with torch.autocast(x.device.type, enabled=False):  # the ops run in `dtype`, as the base layer would
             return fn(x)
 
     def adapter_forward(self, name: str, x: torch.Tensor, inner: Optional[Callable], dtype: torch.dtype):
-        """Output of adapter ``name``: fused on the frozen layer when ``inner`` is None, else modulating ``inner``."""
+        """Output of adapter ``name``, modulating the frozen dense layer (``inner`` None) or the map ``inner``.
+
+        On the dense layer with the Triton backend this is one fused kernel (``hadapeft.ops``). Otherwise it is the
+        :class:`Modulation` formula in native torch ops, on the frozen linear or on ``inner``: autograd's C++ nodes
+        cost less host time per layer than a Python autograd Function, and save no more than it does (the gated
+        branch keeps h − l for dγ, as the fused op does)."""
         mod = self.modulation(name)
         index = None if mod.rows is None else mod.rows(x.shape[0], x.device)
-        cast = (lambda t: None if t is None else t.to(dtype))  # noqa: E731
         lora = mod.lora
         lora_x = None
-        if lora is not None and isinstance(lora.dropout, nn.Dropout) and self.training:
+        if lora is not None and self.training and isinstance(lora.dropout, nn.Dropout):
             lora_x = lora.dropout(x)
         if inner is None:
             w, b = self.frozen_weight(dtype)
-            backend = self.backend[name]
-            if lora is not None:
-                return gated_lora_linear(x, w, b, cast(lora.A), cast(lora.B), cast(lora.gate), lora.scaling, lora_x,
-                                         backend=backend)
-            y = None
-            for k, (i, o) in enumerate(mod.scales):
-                term = modulated_linear(x, w, b if k == 0 else None, in_scale=cast(i), out_scale=cast(o),
-                                        shift=cast(mod.shift) if k == 0 else None, index=index,
-                                        scale_bias=mod.scale_bias, backend=backend)
-                y = term if y is None else y + term
-            return y
-        if lora is not None:
-            low = (x if lora_x is None else lora_x) @ cast(lora.A).t() @ (cast(lora.B) * lora.scaling).t()
-            return torch.lerp(low, inner(x), clamp_gate(lora.gate).to(dtype))
+            if resolve_backend(self.backend[name], x.device) == "triton":
+                return self._fused(mod, x, w, b, index, lora_x, dtype)
+            full = (lambda z: F.linear(z, w, b))  # noqa: E731  the frozen map, A z + c
+            linear, const = (lambda z: F.linear(z, w)), b  # noqa: E731  its linear part A z and constant c
+        else:
+            full = inner
+            const = None  # c = inner(0), computed only where needed
+
+            def linear(z):
+                return inner(z) - constant()
+
+        def constant():  # c, once: on one position per row for a generic inner map
+            nonlocal const
+            if const is None and inner is not None:
+                const = inner(x.new_zeros(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1]))
+            return const
+
+        if lora is not None:  # y = l + γ ∘ (h − l), l = s · B A dropout(x)
+            low = F.linear(F.linear(x if lora_x is None else lora_x, _cast(lora.A, dtype)), _cast(lora.B, dtype))
+            if lora.scaling != 1:
+                low = low * lora.scaling
+            return torch.addcmul(low, _cast(_clamp_ste(lora.gate), dtype), full(x) - low)
 
         def row(t):  # a table's rows for the input rows, shaped to broadcast over x
-            return None if t is None else _per_row(cast(t), index, x)
+            return None if t is None else _per_row(_cast(t, dtype), index, x)
 
-        if mod.scale_bias:  # o ∘ inner(i ∘ x) + β: inner's bias is scaled with its output
+        if mod.scale_bias:  # y = o ∘ inner(i ∘ x) + β: the constant is scaled with the output
             (i, o), = mod.scales
             i, o = row(i), row(o)
-            y = inner(x if i is None else x * i)
+            y = full(x if i is None else x * i)
             y = y if o is None else y * o
-        else:  # inner is affine, inner(x) = A x + c, and W' = A ∘ Σ o_k i_kᵀ leaves c alone: with c = inner(0),
-            # y = Σ_k o_k ∘ (inner(i_k ∘ x) − c) + c (c computed on one position per row)
-            c = inner(x.new_zeros(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1]))
-            y = c
+        else:  # y = Σ_k o_k ∘ A(i_k ∘ x) + c + β: W' = A ∘ Σ o_k i_kᵀ leaves the constant alone
+            y = None
             for i, o in mod.scales:
                 i, o = row(i), row(o)
-                t = inner(x if i is None else x * i) - c
-                y = y + (t if o is None else t * o)
+                t = linear(x if i is None else x * i)
+                t = t if o is None else t * o
+                y = t if y is None else y + t
+            c = constant()
+            y = y if c is None else y + c
         return y if mod.shift is None else y + row(mod.shift)
+
+    def _fused(self, mod: Modulation, x, w, b, index, lora_x, dtype):
+        """The Triton kernels of ``hadapeft.ops`` on the dense frozen weight."""
+        lora = mod.lora
+        if lora is not None:
+            return gated_lora_linear(x, w, b, _cast(lora.A, dtype), _cast(lora.B, dtype), _cast(lora.gate, dtype),
+                                     lora.scaling, lora_x, backend="triton")
+        y = None
+        for k, (i, o) in enumerate(mod.scales):
+            term = modulated_linear(x, w, b if k == 0 else None, in_scale=_cast(i, dtype), out_scale=_cast(o, dtype),
+                                    shift=_cast(mod.shift, dtype) if k == 0 else None, index=index,
+                                    scale_bias=mod.scale_bias, backend="triton")
+            y = term if y is None else y + term
+        return y
 
     def merge_terms(self, name: str) -> MergeTerms:
         """Adapter ``name`` as ``W' = W ∘ M + W_add``, ``b' = b ∘ m + b_add``, in fp32; a conditioned adapter folds
@@ -310,6 +343,15 @@ class _Bound:
 
     def __call__(self, x):
         return self.layer.adapter_forward(self.name, x, self.inner, self.dtype)
+
+
+def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _clamp_ste(g: torch.Tensor) -> torch.Tensor:
+    """clamp(g, 0, 1) with a straight-through gradient, in native ops (what ``ops.clamp_gate`` computes)."""
+    return g + (g.clamp(0.0, 1.0) - g).detach()
 
 
 def _per_row(table: torch.Tensor, index: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:

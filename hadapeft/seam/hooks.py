@@ -60,6 +60,7 @@ PRIVATE_HOOKS: tuple[Hook, ...] = (
     Hook("peft.utils.integrations", "dequantize_bnb_weight", "dense view of a 4-/8-bit weight for merging"),
     # --- torch ---
     Hook("torch._C", "_current_graph_task_id", "tell a gradient-checkpointing recompute (inside backward)"),
+    Hook("torch", "_assert_async", "range-check task ids on the device, without a host sync"),
 )
 
 
@@ -80,6 +81,13 @@ def in_backward() -> bool:
     import torch
 
     return torch._C._current_graph_task_id() != -1
+
+
+def assert_async(condition, message: str) -> None:
+    """Assert a boolean tensor on its device (no host sync; raises at the next sync on CUDA, at once on CPU)."""
+    import torch
+
+    torch._assert_async(condition, message)
 
 
 def dequantize_bnb_weight(weight, state=None):
