@@ -4,6 +4,7 @@
     python -m scripts.bench --op gated_lora film  # only these hadapeft ops (the baselines always run)
     python -m scripts.bench --adapter all         # also each registered adapter's benchmark option sets, as layers
     python -m scripts.bench --e2e                 # training tokens/s + peak memory on a Llama-shaped model
+    python -m scripts.bench --e2e --compile       # the same, eager and torch.compile'd steps interleaved
 
 Layer mode: one linear layer, forward + backward (gradients of the input and of the adapter parameters; the base
 weight is frozen), for each case:
@@ -433,72 +434,92 @@ def _e2e_methods(device):
 
 
 def run_e2e(args, device, dtype):
-    import contextlib
-
+    """Every method's training step (eager, and compiled with ``--compile``) on one Llama-shaped model. On CPU the
+    cases are built side by side and take turns step by step (``interleaved_cpu_times``); on GPU one at a time."""
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     spec = dict(E2E[args.preset])
     seq, batch, warmup, steps = (spec.pop(k) for k in ("seq", "batch", "warmup", "steps"))
+    steps = args.repeats or steps
     cfg = LlamaConfig(max_position_embeddings=seq, tie_word_embeddings=False, **spec)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen).to(device) for _ in range(2)]
-    rows = []
+    modes = ("eager", "compiled") if args.compile else ("eager",)
+    rows, built = [], []
     for label, backend, make in _e2e_methods(device):
-        row = dict(method=label, backend=backend or "-", tokens_per_step=batch * seq, **{"model": spec})
-        if isinstance(make, str):
-            row["skipped"] = make
-            print(f"e2e {label:22s} {backend or '-':7s} skipped: {make}", flush=True)
+        for mode in modes:
+            row = dict(method=label, backend=backend or "-", mode=mode, tokens_per_step=batch * seq, model=spec)
             rows.append(row)
-            continue
+            if isinstance(make, str):
+                row["skipped"] = make
+                continue
+            try:
+                torch.manual_seed(0)
+                model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+                config = make()
+                model = get_peft_model(model, config, autocast_adapter_dtype=False)
+                cond = conditioning_kwargs(config, batch, device) if hasattr(config, "conditioning_spec") else {}
+                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                forward = torch.compile(model) if mode == "compiled" else model
+                row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                built.append((row, _e2e_step(forward, opt, batches, cond, backend), model, opt))
+            except Exception as e:  # noqa: BLE001 - keep going; the table says what failed
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+    groups = [built] if device.type == "cpu" else [[b] for b in built]
+    for group in groups:
         try:
-            torch.manual_seed(0)
-            model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
-            config = make()
-            model = get_peft_model(model, config, autocast_adapter_dtype=False)
-            cond = conditioning_kwargs(config, batch, device) if hasattr(config, "conditioning_spec") else {}
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            ctx = contextlib.nullcontext()
-            if backend is not None:
-                import hadapeft
-
-                ctx = hadapeft.use_backend(backend)
-            with ctx:
-                def train_step(i):
-                    ids = batches[i % len(batches)]
-                    loss = model(input_ids=ids, labels=ids, **cond).loss
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-
+            for row, step, model, opt in group:  # warm-up (compiles), then the whole step's peak memory
                 for i in range(warmup):
-                    train_step(i)
-                # Whole-process peak of one training step (weights, optimizer state and gradients included).
-                row["peak_gib"] = (peak_bytes(lambda: train_step(0), device) + _allocated(device, model, opt)) / 2**30
-                _sync(device)
-                t0 = time.perf_counter()
-                for i in range(steps):
-                    train_step(i)
-                _sync(device)
-                elapsed = time.perf_counter() - t0
-            row.update(tokens_per_s=batch * seq * steps / elapsed, step_ms=elapsed / steps * 1e3,
-                       trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
-            del model, opt
-        except Exception as e:  # noqa: BLE001 - keep going; the table says what failed
-            row["error"] = f"{type(e).__name__}: {e}"[:300]
+                    step(i)
+                row["peak_gib"] = (peak_bytes(lambda: step(0), device) + _allocated(device, model, opt)) / 2**30
+            if device.type == "cpu":
+                times = interleaved_cpu_times([b[1] for b in group], 0, steps)
+            else:
+                times = [sequential_times(group[0][1], device, 0, steps)[0]]
+            for (row, *_), t in zip(group, times):
+                ms = statistics.median(t)
+                row.update(step_ms=ms, tokens_per_s=batch * seq / ms * 1e3)
+        except Exception as e:  # noqa: BLE001
+            for row, *_ in group:
+                row.setdefault("error", f"{type(e).__name__}: {e}"[:300])
         if device.type == "cuda":
+            group.clear()
             torch.cuda.empty_cache()
-        print(f"e2e {label:22s} {backend or '-':7s} " + json.dumps(
-            {k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()
-             if k in ("tokens_per_s", "step_ms", "peak_gib", "error", "trainable")}), flush=True)
-        rows.append(row)
-    ref = next((r for r in rows if r["method"] == "peft_lora" and r.get("tokens_per_s")), None)
+    for mode in modes:
+        ref = next((r for r in rows if r["method"] == "peft_lora" and r["mode"] == mode and r.get("tokens_per_s")),
+                   None)
+        for r in rows:
+            if r["mode"] == mode and ref and r.get("tokens_per_s"):
+                r["speed_x_peft_lora"] = r["tokens_per_s"] / ref["tokens_per_s"]
+                r["time_x_peft_lora"] = r["step_ms"] / ref["step_ms"]
+                if r.get("peak_gib") and ref.get("peak_gib"):
+                    r["peak_x_peft_lora"] = r["peak_gib"] / ref["peak_gib"]
     for r in rows:
-        if ref and r.get("tokens_per_s"):
-            r["speed_x_peft_lora"] = r["tokens_per_s"] / ref["tokens_per_s"]
-            if r.get("peak_gib") and ref.get("peak_gib"):
-                r["peak_x_peft_lora"] = r["peak_gib"] / ref["peak_gib"]
+        eager = next((e for e in rows if e["method"] == r["method"] and e["backend"] == r["backend"]
+                      and e["mode"] == "eager" and e.get("step_ms")), None)
+        if r["mode"] == "compiled" and eager and r.get("step_ms"):
+            r["compiled_x_eager"] = r["step_ms"] / eager["step_ms"]
+        print(f"e2e {r['method']:24s} {r['backend']:7s} {r['mode']:8s} " + json.dumps(
+            {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+             if k in ("tokens_per_s", "step_ms", "peak_gib", "time_x_peft_lora", "peak_x_peft_lora",
+                      "compiled_x_eager", "error", "skipped")}), flush=True)
     return rows
+
+
+def _e2e_step(model, opt, batches, cond, backend):
+    import contextlib
+
+    import hadapeft
+
+    def step(i):
+        with hadapeft.use_backend(backend) if backend else contextlib.nullcontext():
+            ids = batches[i % len(batches)]
+            loss = model(input_ids=ids, labels=ids, **cond).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return step
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -630,25 +651,32 @@ def layer_markdown(env, rows, args):
 
 def e2e_markdown(env, rows, args):
     spec = E2E[args.preset]
+    steps = args.repeats or spec["steps"]
     lines = [f"# hadapeft end-to-end training benchmark — {env['device']}", "",
              f"Date {env['date']}; torch {env['torch']}, triton {env['triton']}, peft {env['peft']}, "
              f"transformers {env['transformers']}; dtype {args.dtype}. Llama-shaped model with random weights: "
              f"hidden {spec['hidden_size']}, {spec['num_hidden_layers']} layers, intermediate "
              f"{spec['intermediate_size']}, vocab {spec['vocab_size']}; batch {spec['batch']} × seq {spec['seq']}; "
-             f"AdamW; {spec['steps']} timed steps after {spec['warmup']} warm-up. LoRA / gated LoRA on all linear "
-             f"layers (r = {RANK}), IA3 on k, v, down (down as feedforward). Peak: the most memory held during one "
-             "training step, weights, gradients and optimizer state included (CUDA allocator; on CPU the live "
-             "tensors plus the step's peak from the profiler's allocation records).", "",
-             "| method | backend | tokens/s | × peft LoRA | step ms | peak GiB | peak × peft LoRA | trainable |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"AdamW; median of {steps} timed steps after {spec['warmup']} warm-up (CPU: all cases built side by "
+             f"side, taking turns step by step). LoRA / gated LoRA on all linear layers (r = {RANK}); the other "
+             "hadapeft adapters on their model-family defaults, conditioned ones on a mixed batch of tasks; peft "
+             "IA3 on k, v, down (down as feedforward). `compiled`: `torch.compile(model)` (inductor). Peak: the most "
+             "memory held during one training step, weights, gradients and optimizer state included (CUDA "
+             "allocator; on CPU the live tensors plus the step's peak from the profiler's allocation records). "
+             "Ratios against peft LoRA in the same mode.", "",
+             f"Command: `python -m scripts.bench --e2e{' --compile' if args.compile else ''}"
+             f"{f' --repeats {args.repeats}' if args.repeats else ''}`", "",
+             "| method | backend | mode | tokens/s | time × peft LoRA | compiled × eager | step ms | peak GiB | "
+             "peak × peft LoRA | trainable |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if r.get("skipped") or r.get("error"):
-            lines.append(f"| {r['method']} | {r['backend']} | {r.get('skipped') or 'error: ' + r['error']} "
-                         "| | | | | |")
+            lines.append(f"| {r['method']} | {r['backend']} | {r['mode']} | {r.get('skipped') or 'error: ' + r['error']} "
+                         "| | | | | | |")
             continue
-        lines.append(f"| {r['method']} | {r['backend']} | {r['tokens_per_s']:.0f} | "
-                     f"{_f(r.get('speed_x_peft_lora'))} | {r['step_ms']:.1f} | {_f(r.get('peak_gib'), '.2f')} | "
-                     f"{_f(r.get('peak_x_peft_lora'))} | {r['trainable']:,} |")
+        lines.append(f"| {r['method']} | {r['backend']} | {r['mode']} | {r['tokens_per_s']:.0f} | "
+                     f"{_f(r.get('time_x_peft_lora'))} | {_f(r.get('compiled_x_eager'))} | {r['step_ms']:.1f} | "
+                     f"{_f(r.get('peak_gib'), '.3f')} | {_f(r.get('peak_x_peft_lora'))} | {r['trainable']:,} |")
     return "\n".join(lines) + "\n"
 
 
@@ -665,6 +693,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int)
     p.add_argument("--e2e", action="store_true", help="end-to-end training throughput instead of single layers")
+    p.add_argument("--compile", action="store_true", help="with --e2e: also torch.compile'd training steps")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--profile", metavar="FILE", help="append a torch.profiler kernel table per case to FILE")
     p.add_argument("--tag", default=None, help="file name device tag (default: h100, h200, a100, ... or cpu)")

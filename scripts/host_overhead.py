@@ -32,14 +32,22 @@ from scripts.bench import conditioning_kwargs, environment, registered_options
 D, BATCH, SEQ, RANK = 64, 4, 8, 16
 
 
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+
 class Stack(nn.Module):
+    """``layers.<i>.proj``: numbered layers of one module kind, as a transformer's (HyperMod's table sees both)."""
+
     def __init__(self, layers: int):
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(D, D) for _ in range(layers))
+        self.layers = nn.ModuleList(Block() for _ in range(layers))
 
     def forward(self, x):
         for layer in self.layers:
-            x = layer(x)
+            x = layer.proj(x)
         return x
 
 
@@ -48,7 +56,7 @@ def build_cases(layers: int) -> dict:
     import hadapeft  # noqa: F401
     from peft import IA3Config, LoraConfig, get_peft_model
 
-    targets = [f"layers.{i}" for i in range(layers)]
+    targets = ["proj"]
     torch.manual_seed(0)
     cases = {"frozen": (Stack(layers).requires_grad_(False), {})}
     peft_configs = {"peft_lora": LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=targets),

@@ -465,3 +465,30 @@ def test_conditioned_adapters_learn_several_labelings_of_real_digits(capsys):
     base_acc = results.pop("base (shared head)")
     for name, acc in results.items():
         assert all(a > b + 0.2 and a > 0.85 for a, b in zip(acc, base_acc)), (name, acc, base_acc)
+
+
+@pytest.mark.parametrize("option", ["hypermod_r1", "hypermod_r2", "hypermod_embeds"])
+def test_hypernetwork_runs_once_per_forward_with_the_same_gradients(option, monkeypatch):
+    """The tuner runs the shared hypernetwork once for all layers before the forward; the layers' outputs and the
+    gradients equal those of every layer running it itself (generate's path)."""
+    from hadapeft.tuners.hypermod import HyperNet
+
+    inputs = make_inputs("llama", batch=4)
+    results = []
+    for batched in (True, False):
+        model = peft_model(option, "llama").train()
+        if not batched:
+            monkeypatch.setattr(type(model.base_model), "prepare", lambda self: None)
+        calls = []
+        original = HyperNet.modulations
+        monkeypatch.setattr(HyperNet, "modulations", lambda self, c, pairs: calls.append(len(pairs)) or
+                            original(self, c, pairs))
+        out = model(**inputs, **cond(option, MIXED)).logits
+        out.pow(2).mean().backward()
+        layers = len(hada_layers(model))
+        assert calls == ([layers] if batched else [1] * layers)
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+        monkeypatch.undo()
+    (out_a, g_a), (out_b, g_b) = results
+    assert torch.allclose(out_a, out_b, atol=1e-6, rtol=1e-5)
+    assert_same_grads(g_a, g_b, tol=1e-5)

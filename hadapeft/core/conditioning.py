@@ -67,6 +67,9 @@ class Conditioning:
     # Row indices per (kind, device, rows), computed once per forward instead of once per layer (on CUDA each would
     # be a host-to-device copy).
     _rows: dict = field(default_factory=dict, compare=False, repr=False)
+    # Per-forward results shared by the layers (HyperMod's hypernetwork outputs for all layers), keyed by the code
+    # that stores them; see HyperModModel.
+    shared: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def batch(self) -> int:

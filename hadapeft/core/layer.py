@@ -50,6 +50,7 @@ class LowRank:
     scaling: float  # s = lora_alpha / r
     gate: torch.Tensor  # (d_out,) or (1,): the raw gate parameter
     dropout: Optional[nn.Module] = None  # applied to x for the branch while training
+    recompute: bool = False  # keep no N × d_out activation for dγ: recompute W x in backward (one more GEMM)
 
 
 @dataclass
@@ -173,10 +174,10 @@ class HadaLayer(nn.Module, SeamTunerLayer):
     def adapter_forward(self, name: str, x: torch.Tensor, inner: Optional[Callable], dtype: torch.dtype):
         """Output of adapter ``name``, modulating the frozen dense layer (``inner`` None) or the map ``inner``.
 
-        On the dense layer with the Triton backend this is one fused kernel (``hadapeft.ops``). Otherwise it is the
+        On the dense layer with the Triton backend this is one fused kernel (``hadapeft.ops``), and so is Gated LoRA
+        with ``gate_grad="recompute"`` (an autograd Function that keeps no N × d_out activation). Otherwise it is the
         :class:`Modulation` formula in native torch ops, on the frozen linear or on ``inner``: autograd's C++ nodes
-        cost less host time per layer than a Python autograd Function, and save no more than it does (the gated
-        branch keeps h − l for dγ, as the fused op does)."""
+        cost less host time per layer than a Python autograd Function (the gated branch then keeps h − l for dγ)."""
         mod = self.modulation(name)
         index = None if mod.rows is None else mod.rows(x.shape[0], x.device)
         lora = mod.lora
@@ -185,8 +186,9 @@ class HadaLayer(nn.Module, SeamTunerLayer):
             lora_x = lora.dropout(x)
         if inner is None:
             w, b = self.frozen_weight(dtype)
-            if resolve_backend(self.backend[name], x.device) == "triton":
-                return self._fused(mod, x, w, b, index, lora_x, dtype)
+            backend = resolve_backend(self.backend[name], x.device)
+            if backend == "triton" or (lora is not None and lora.recompute):
+                return self._fused(mod, x, w, b, index, lora_x, dtype, backend)
             full = (lambda z: F.linear(z, w, b))  # noqa: E731  the frozen map, A z + c
             linear, const = (lambda z: F.linear(z, w)), b  # noqa: E731  its linear part A z and constant c
         else:
@@ -227,17 +229,18 @@ class HadaLayer(nn.Module, SeamTunerLayer):
             y = y if c is None else y + c
         return y if mod.shift is None else y + row(mod.shift)
 
-    def _fused(self, mod: Modulation, x, w, b, index, lora_x, dtype):
-        """The Triton kernels of ``hadapeft.ops`` on the dense frozen weight."""
+    def _fused(self, mod: Modulation, x, w, b, index, lora_x, dtype, backend):
+        """The fused ops of ``hadapeft.ops`` on the dense frozen weight: the Triton kernels, or the gated-LoRA autograd
+        Function that recomputes ``W x`` in backward instead of keeping an N × d_out activation."""
         lora = mod.lora
         if lora is not None:
             return gated_lora_linear(x, w, b, _cast(lora.A, dtype), _cast(lora.B, dtype), _cast(lora.gate, dtype),
-                                     lora.scaling, lora_x, backend="triton")
+                                     lora.scaling, lora_x, backend=backend, recompute=lora.recompute)
         y = None
         for k, (i, o) in enumerate(mod.scales):
             term = modulated_linear(x, w, b if k == 0 else None, in_scale=_cast(i, dtype), out_scale=_cast(o, dtype),
                                     shift=_cast(mod.shift, dtype) if k == 0 else None, index=index,
-                                    scale_bias=mod.scale_bias, backend="triton")
+                                    scale_bias=mod.scale_bias, backend=backend)
             y = term if y is None else y + term
         return y
 

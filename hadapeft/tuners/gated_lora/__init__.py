@@ -7,9 +7,11 @@ ADAPTER = register(AdapterType(
     name="GATED_LORA", config_cls=GatedLoraConfig, model_cls=GatedLoraModel, quantity="gate γ",
     option_sets={
         "gated_vector": OptionSet(dict(r=4, lora_alpha=8)),
+        "gated_save": OptionSet(dict(r=4, lora_alpha=8, gate_grad="save"), families=("llama", "gpt2", "bert", "vit")),
         "gated_scalar_all_linear": OptionSet(dict(r=2, lora_alpha=4, gate="scalar", target_modules="all-linear",
                                                   lora_dropout=0.1)),
     },
+    bench_options=("gated_vector", "gated_save"),
 ))
 
 __all__ = ["GatedLoraConfig", "GatedLoraLinear", "GatedLoraModel", "ADAPTER"]

@@ -29,6 +29,11 @@ class GatedLoraConfig(HadaConfig):
     lora_dropout: float = help_field(0.0, "Dropout on the low-rank branch's input, in [0, 1).")
     gate: str = help_field("vector", "'vector': one gate per output feature; 'scalar': one gate per layer.")
     gate_init: float = help_field(1.0, "Initial γ in [0, 1] (1.0: the frozen path only, exact identity at init).")
+    gate_grad: str = help_field(
+        "recompute", "How backward gets h − l for the gate's gradient: 'recompute' (W x is computed again in backward: "
+                     "one more GEMM per layer, and the layer keeps the activations peft's LoRA keeps) or 'save' (kept "
+                     "from the forward: that GEMM faster, N × d_out more activation memory per layer). On CPU the "
+                     "'save' path also costs less host time per layer (native ops, no Python autograd Function).")
 
     def __post_init__(self):
         super().__post_init__()
@@ -39,6 +44,8 @@ class GatedLoraConfig(HadaConfig):
             raise HadapeftConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.gate not in ("vector", "scalar"):
             raise HadapeftConfigError(f"gate must be 'vector' or 'scalar', got {self.gate!r}")
+        if self.gate_grad not in ("recompute", "save"):
+            raise HadapeftConfigError(f"gate_grad must be 'recompute' or 'save', got {self.gate_grad!r}")
         if not _is_number(self.gate_init) or not (0.0 <= self.gate_init <= 1.0):
             raise HadapeftConfigError(f"gate_init must be in [0, 1], got {self.gate_init!r}")
         if self.init_weights and self.gate_init != 1.0:

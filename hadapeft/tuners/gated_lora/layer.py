@@ -39,7 +39,7 @@ class GatedLoraLinear(HadaLayer):
     projected back into [0, 1] after each optimizer step)."""
 
     adapter_layer_names = ("gated_lora_A", "gated_lora_B", "gated_lora_gate")
-    other_param_names = HadaLayer.other_param_names + ("scaling", "lora_dropout")
+    other_param_names = HadaLayer.other_param_names + ("scaling", "lora_dropout", "gate_recompute")
 
     def init_adapter_containers(self):
         self.gated_lora_A = nn.ParameterDict()
@@ -47,6 +47,7 @@ class GatedLoraLinear(HadaLayer):
         self.gated_lora_gate = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        self.gate_recompute: dict[str, bool] = {}  # adapter -> gate_grad == "recompute"
 
     def create_adapter(self, name, config, **kwargs):
         r = config.r
@@ -66,6 +67,7 @@ class GatedLoraLinear(HadaLayer):
         _LAYERS.add(self)  # its gates are projected into [0, 1] after each optimizer step
         _install_gate_projection()
         self.scaling[name] = config.lora_alpha / r
+        self.gate_recompute[name] = config.gate_grad == "recompute"
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
 
     def gate(self, name: str) -> torch.Tensor:
@@ -74,4 +76,5 @@ class GatedLoraLinear(HadaLayer):
 
     def modulation(self, name):
         return Modulation(lora=LowRank(self.gated_lora_A[name], self.gated_lora_B[name], self.scaling[name],
-                                       self.gated_lora_gate[name], self.lora_dropout[name]))
+                                       self.gated_lora_gate[name], self.lora_dropout[name],
+                                       self.gate_recompute[name]))

@@ -7,6 +7,7 @@ from torch import nn
 
 from ...core.conditioning import Conditioning
 from ...core.layer import HadaLayer, Modulation
+from ...seam.hooks import in_backward
 
 
 class HyperNet(nn.Module):
@@ -26,6 +27,7 @@ class HyperNet(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(3 * e, H), nn.SiLU(), nn.Linear(H, H), nn.SiLU())
         self.heads = nn.ModuleDict()  # kind -> Linear(H, r·d_out + r·d_in + d_out)
         self.shapes: dict[str, tuple[int, int]] = {}
+        self.pairs: list[tuple[int, str]] = []  # (layer row, head key) of every layer this adapter modulates
 
     def add_kind(self, kind: str, d_in: int, d_out: int) -> str:
         """Register a module kind (the last component of the module name) and return its head's key; modules that
@@ -44,20 +46,38 @@ class HyperNet(nn.Module):
             self.shapes[key] = (d_in, d_out)
         return key
 
-    def forward(self, cond: Conditioning, layer: int, kind: str):
-        """Per-sample modulation: u (B, r, d_out), v (B, r, d_in), β (B, d_out), in fp32."""
+    def task_embedding(self, cond: Conditioning) -> torch.Tensor:
+        """(B, e): the embedding of each sample's task id, or the projection of its conditioning vector."""
         if isinstance(self.task, nn.Embedding):
-            z = self.task(cond.task_ids.to(self.task.weight.device))
-        else:
-            z = self.task(cond.task_embeds.to(self.task.weight.device, self.task.weight.dtype))
-        B = z.shape[0]
-        h = self.mlp(torch.cat([z, self.layer.weight[layer].expand(B, -1), self.kind[kind].expand(B, -1)], dim=-1))
-        d_in, d_out = self.shapes[kind]
+            return self.task(cond.task_ids.to(self.task.weight.device))
+        return self.task(cond.task_embeds.to(self.task.weight.device, self.task.weight.dtype))
+
+    def forward(self, cond: Conditioning, layer: int, kind: str):
+        """Per-sample modulation of one layer: u (B, r, d_out), v (B, r, d_in), β (B, d_out), in fp32."""
+        return self.modulations(cond, [(layer, kind)])[(layer, kind)]
+
+    def modulations(self, cond: Conditioning, pairs) -> dict:
+        """(layer, kind) -> (u, v, β) for every pair, batched: one MLP pass for all pairs, one head pass per kind."""
+        z = self.task_embedding(cond)  # (B, e)
+        B, P = z.shape[0], len(pairs)
+        layers = torch.tensor([layer for layer, _ in pairs], device=z.device)
+        kinds = torch.stack([self.kind[kind] for _, kind in pairs])  # (P, e)
+        inp = torch.cat([z.unsqueeze(0).expand(P, B, -1), self.layer(layers).unsqueeze(1).expand(P, B, -1),
+                         kinds.unsqueeze(1).expand(P, B, -1)], dim=-1)  # (P, B, 3e)
+        h = self.mlp(inp)  # (P, B, H)
+        out = {}
         r = self.rank
-        u, v, beta = self.heads[kind](h).split([r * d_out, r * d_in, d_out], dim=-1)
-        u = u.view(B, r, d_out)
-        u = torch.cat([u[:, :1] + 1, u[:, 1:]], dim=1) if r > 1 else u + 1
-        return u, v.view(B, r, d_in) + 1, beta
+        for kind in dict.fromkeys(k for _, k in pairs):
+            at = [i for i, (_, k) in enumerate(pairs) if k == kind]
+            d_in, d_out = self.shapes[kind]
+            rows = h[at[0]:at[-1] + 1] if at == list(range(at[0], at[-1] + 1)) else h[at]
+            u, v, beta = self.heads[kind](rows).split([r * d_out, r * d_in, d_out], dim=-1)  # (P_k, B, ·)
+            u = u.unflatten(-1, (r, d_out))
+            u = torch.cat([u[:, :, :1] + 1, u[:, :, 1:]], dim=2) if r > 1 else u + 1
+            v = v.unflatten(-1, (r, d_in)) + 1
+            for j, i in enumerate(at):
+                out[pairs[i]] = (u[j], v[j], beta[j])
+        return out
 
 
 class HyperModLinear(HadaLayer):
@@ -74,10 +94,28 @@ class HyperModLinear(HadaLayer):
 
     def create_adapter(self, name, config, layer_index=None, kind=None, **kwargs):
         self.hypermod_layer[name] = layer_index
-        self.hypermod_kind[name] = self.shared.modules[name].add_kind(kind, self.in_features, self.out_features)
+        net = self.shared.modules[name]
+        self.hypermod_kind[name] = net.add_kind(kind, self.in_features, self.out_features)
+        if (layer_index, self.hypermod_kind[name]) not in net.pairs:
+            net.pairs.append((layer_index, self.hypermod_kind[name]))
 
     def modulation(self, name):
         cond = self.conditioning(name)
-        u, v, beta = self.shared.modules[name](cond, self.hypermod_layer[name], self.hypermod_kind[name])
+        key = (self.hypermod_layer[name], self.hypermod_kind[name])
+        # The tuner ran the hypernetwork once for all layers before this forward (HyperModModel.prepare). A layer uses
+        # that result when it runs in the same grad mode (not inside the original forward of a reentrant
+        # checkpoint, which runs without grad), and a gradient-checkpointing recompute does what the original
+        # forward did, so that both save the same tensors.
+        shared = cond.shared.get(("hypermod", name))
+        decided = cond.shared.setdefault(("hypermod-use", name), {})
+        if not torch.compiler.is_compiling() and in_backward():
+            use = decided.get(id(self), False)
+        else:
+            use = shared is not None and shared[0] == torch.is_grad_enabled() and key in shared[1]
+            decided[id(self)] = use
+        if use:
+            u, v, beta = shared[1][key]
+        else:
+            u, v, beta = self.shared.modules[name](cond, *key)
         return Modulation(scales=tuple((v[:, i], u[:, i]) for i in range(u.shape[1])), shift=beta,
                           rows=cond.sample_rows, scale_bias=False)

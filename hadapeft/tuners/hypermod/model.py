@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from ...core.model import HadaModel
 from ...core.targets import ATTENTION
-from ...errors import TargetModuleError
+from ...errors import ConditioningError, TargetModuleError
 from .layer import HyperModLinear, HyperNet
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -26,6 +28,9 @@ class HyperModModel(HadaModel):
     uses_shared_state = True
 
     def _hypernet(self, config, adapter_name: str) -> HyperNet:
+        if not getattr(self, "_prepares", False):
+            self.register_forward_pre_hook(_prepare)
+            self._prepares = True
         if adapter_name not in self.shared_modules:
             # Size of the layer table: one past the largest layer index among the modules this adapter targets.
             indices = [layer_index(k) for k, _ in self.model.named_modules() if k and self.targets(config, k)]
@@ -46,3 +51,24 @@ class HyperModModel(HadaModel):
     @property
     def hypernets(self):
         return self.shared_modules
+
+    def prepare(self) -> None:
+        """Run each active hypernetwork once for all its layers, before the model's forward: outside any
+        gradient-checkpointing region, so the layers of every region can share the result (computing it in the first
+        layer would tie later regions to the first one's recompute). ``generate`` calls the transformers model
+        directly, not this tuner: there each layer runs the hypernetwork itself."""
+        state = self.conditioning_state
+        for name in self.active_adapters:
+            net = self.shared_modules[name] if name in self.shared_modules else None
+            if net is None or not net.pairs:
+                continue
+            try:
+                cond = state.current(name)
+            except ConditioningError:  # no conditioning: the layers say so, if they need it
+                continue
+            cond.shared[("hypermod", name)] = (torch.is_grad_enabled(), net.modulations(cond, net.pairs))
+            cond.shared.pop(("hypermod-use", name), None)
+
+
+def _prepare(tuner, args, kwargs=None):
+    tuner.prepare()
