@@ -62,6 +62,18 @@ class Modulation:
     rows: Optional[Callable] = None  # (n_rows, device) -> (n_rows,) table row of each input row; None: T == 1
     scale_bias: bool = True  # True: o ∘ (W(i∘x) + b) (IA³, FiLM); False: o ∘ W(i∘x) + b (HyperMod: W ∘ (o iᵀ))
     lora: Optional[LowRank] = None
+    per_sample: bool = False  # the tables have one row per sample (T = B): no gather needed when rows == B
+
+    def index(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """(rows,) table row of each input row of x, or None when the tables line up with x's rows as they are."""
+        if self.rows is None:
+            return None
+        if self.per_sample:
+            table = self.shift if self.shift is not None else next(t for pair in self.scales for t in pair
+                                                                   if t is not None)
+            if table.shape[0] == x.shape[0]:
+                return None
+        return self.rows(x.shape[0], x.device)
 
 
 @dataclass
@@ -179,7 +191,7 @@ class HadaLayer(nn.Module, SeamTunerLayer):
         :class:`Modulation` formula in native torch ops, on the frozen linear or on ``inner``: autograd's C++ nodes
         cost less host time per layer than a Python autograd Function (the gated branch then keeps h − l for dγ)."""
         mod = self.modulation(name)
-        index = None if mod.rows is None else mod.rows(x.shape[0], x.device)
+        index = mod.index(x)
         lora = mod.lora
         lora_x = None
         if lora is not None and self.training and isinstance(lora.dropout, nn.Dropout):
@@ -232,6 +244,8 @@ class HadaLayer(nn.Module, SeamTunerLayer):
     def _fused(self, mod: Modulation, x, w, b, index, lora_x, dtype, backend):
         """The fused ops of ``hadapeft.ops`` on the dense frozen weight: the Triton kernels, or the gated-LoRA autograd
         Function that recomputes ``W x`` in backward instead of keeping an N × d_out activation."""
+        if index is None and mod.per_sample:  # the ops read a table with several rows through an index
+            index = mod.rows(x.shape[0], x.device)
         lora = mod.lora
         if lora is not None:
             return gated_lora_linear(x, w, b, _cast(lora.A, dtype), _cast(lora.B, dtype), _cast(lora.gate, dtype),
@@ -254,7 +268,7 @@ class HadaLayer(nn.Module, SeamTunerLayer):
                 gate = clamp_gate(lora.gate).detach().float()
                 delta = (lora.B.detach().float() * lora.scaling) @ lora.A.detach().float()
                 return MergeTerms(M=gate.unsqueeze(-1), W_add=(1 - gate).unsqueeze(-1) * delta, m=gate)
-            k = 0 if mod.rows is None else mod.rows(1, torch.device("cpu"))[0]
+            k = 0 if mod.rows is None or mod.per_sample else mod.rows(1, torch.device("cpu"))[0]
 
             def pick(t):  # row k of a table, fp32
                 return None if t is None else t.detach().float()[k]
@@ -359,9 +373,11 @@ def _clamp_ste(g: torch.Tensor) -> torch.Tensor:
 
 def _per_row(table: torch.Tensor, index: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Rows ``table[index]`` shaped to broadcast over ``x`` (rows, ..., d): (rows, 1, ..., 1, d); with no index, the
-    table's single row."""
+    table's single row, or a table with one row per row of x as it is."""
     if index is None:
-        return table[0]
+        if table.shape[0] == 1:
+            return table[0]
+        return table.view(table.shape[0], *([1] * (x.dim() - 2)), table.shape[-1])
     rows = table.index_select(0, index)
     return rows.view(rows.shape[0], *([1] * (x.dim() - 2)), rows.shape[-1])
 

@@ -46,4 +46,4 @@ class FiLMLinear(HadaLayer):
                               rows=cond.task_rows)
         gen = self.film_generator[name]  # one row per sample, from its conditioning vector
         d_gamma, beta = gen(cond.task_embeds.to(gen[0].weight.device, gen[0].weight.dtype)).chunk(2, dim=-1)
-        return Modulation(scales=((None, 1 + d_gamma),), shift=beta, rows=cond.sample_rows)
+        return Modulation(scales=((None, 1 + d_gamma),), shift=beta, rows=cond.sample_rows, per_sample=True)

@@ -53,11 +53,12 @@ class HyperNet(nn.Module):
         return self.task(cond.task_embeds.to(self.task.weight.device, self.task.weight.dtype))
 
     def forward(self, cond: Conditioning, layer: int, kind: str):
-        """Per-sample modulation of one layer: u (B, r, d_out), v (B, r, d_in), β (B, d_out), in fp32."""
+        """Per-sample modulation of one layer: ``((v_1, u_1), ..., (v_r, u_r))`` with v_i (B, d_in), u_i (B, d_out),
+        and β (B, d_out), in fp32."""
         return self.modulations(cond, [(layer, kind)])[(layer, kind)]
 
     def modulations(self, cond: Conditioning, pairs) -> dict:
-        """(layer, kind) -> (u, v, β) for every pair, batched: one MLP pass for all pairs, one head pass per kind."""
+        """(layer, kind) -> (scales, β) for every pair, batched: one MLP pass for all pairs, one head pass per kind."""
         z = self.task_embedding(cond)  # (B, e)
         B, P = z.shape[0], len(pairs)
         layers = torch.tensor([layer for layer, _ in pairs], device=z.device)
@@ -71,12 +72,12 @@ class HyperNet(nn.Module):
             at = [i for i, (_, k) in enumerate(pairs) if k == kind]
             d_in, d_out = self.shapes[kind]
             rows = h[at[0]:at[-1] + 1] if at == list(range(at[0], at[-1] + 1)) else h[at]
-            u, v, beta = self.heads[kind](rows).split([r * d_out, r * d_in, d_out], dim=-1)  # (P_k, B, ·)
-            u = u.unflatten(-1, (r, d_out))
-            u = torch.cat([u[:, :, :1] + 1, u[:, :, 1:]], dim=2) if r > 1 else u + 1
-            v = v.unflatten(-1, (r, d_in)) + 1
+            # (P_k, B, ·) each: u_1 + 1, u_2..u_r, v_1 + 1 .. v_r + 1, β
+            parts = self.heads[kind](rows).split([d_out] * r + [d_in] * r + [d_out], dim=-1)
+            us = (parts[0] + 1, *parts[1:r])
+            vs = tuple(v + 1 for v in parts[r:2 * r])
             for j, i in enumerate(at):
-                out[pairs[i]] = (u[j], v[j], beta[j])
+                out[pairs[i]] = (tuple((v[j], u[j]) for v, u in zip(vs, us)), parts[-1][j])
         return out
 
 
@@ -113,9 +114,6 @@ class HyperModLinear(HadaLayer):
         else:
             use = shared is not None and shared[0] == torch.is_grad_enabled() and key in shared[1]
             decided[id(self)] = use
-        if use:
-            u, v, beta = shared[1][key]
-        else:
-            u, v, beta = self.shared.modules[name](cond, *key)
-        return Modulation(scales=tuple((v[:, i], u[:, i]) for i in range(u.shape[1])), shift=beta,
-                          rows=cond.sample_rows, scale_bias=False)
+        scales, beta = shared[1][key] if use else self.shared.modules[name](cond, *key)
+        return Modulation(scales=scales, shift=beta,
+                          rows=cond.sample_rows, scale_bias=False, per_sample=True)

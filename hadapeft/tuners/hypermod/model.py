@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -28,9 +29,10 @@ class HyperModModel(HadaModel):
     uses_shared_state = True
 
     def _hypernet(self, config, adapter_name: str) -> HyperNet:
-        if not getattr(self, "_prepares", False):
-            self.register_forward_pre_hook(_prepare)
-            self._prepares = True
+        if not getattr(self, "_prepare_hooks", None):
+            # Before the wrapped model's forward, whichever way it is entered (peft's task models through this tuner,
+            # which calls ``self.model(...)``; plain PeftModel and generate directly).
+            self._prepare_hooks = [self.model.register_forward_pre_hook(functools.partial(_prepare, tuner=self))]
         if adapter_name not in self.shared_modules:
             # Size of the layer table: one past the largest layer index among the modules this adapter targets.
             indices = [layer_index(k) for k, _ in self.model.named_modules() if k and self.targets(config, k)]
@@ -52,11 +54,17 @@ class HyperModModel(HadaModel):
     def hypernets(self):
         return self.shared_modules
 
+    def after_unload(self, model):
+        super().after_unload(model)
+        for handle in getattr(self, "_prepare_hooks", None) or ():
+            handle.remove()
+        self._prepare_hooks = None
+
     def prepare(self) -> None:
         """Run each active hypernetwork once for all its layers, before the model's forward: outside any
         gradient-checkpointing region, so the layers of every region can share the result (computing it in the first
-        layer would tie later regions to the first one's recompute). ``generate`` calls the transformers model
-        directly, not this tuner: there each layer runs the hypernetwork itself."""
+        layer would tie later regions to the first one's recompute). Without it (a layer called on its own) each layer
+        runs the hypernetwork itself, with the same result."""
         state = self.conditioning_state
         for name in self.active_adapters:
             net = self.shared_modules[name] if name in self.shared_modules else None
@@ -70,5 +78,5 @@ class HyperModModel(HadaModel):
             cond.shared.pop(("hypermod-use", name), None)
 
 
-def _prepare(tuner, args, kwargs=None):
+def _prepare(model, args, tuner):
     tuner.prepare()
