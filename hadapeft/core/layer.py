@@ -186,10 +186,10 @@ class HadaLayer(nn.Module, SeamTunerLayer):
     def adapter_forward(self, name: str, x: torch.Tensor, inner: Optional[Callable], dtype: torch.dtype):
         """Output of adapter ``name``, modulating the frozen dense layer (``inner`` None) or the map ``inner``.
 
-        On the dense layer with the Triton backend this is one fused kernel (``hadapeft.ops``), and so is Gated LoRA
-        with ``gate_grad="recompute"`` (an autograd Function that keeps no N × d_out activation). Otherwise it is the
+        On the dense layer with the Triton backend this is one fused kernel (``hadapeft.ops``). Otherwise it is the
         :class:`Modulation` formula in native torch ops, on the frozen linear or on ``inner``: autograd's C++ nodes
-        cost less host time per layer than a Python autograd Function (the gated branch then keeps h − l for dγ)."""
+        cost less host time per layer than a Python autograd Function. Gated LoRA's ``gate_grad="recompute"`` keeps
+        no N × d_out tensor for backward (h − l is recomputed there)."""
         mod = self.modulation(name)
         index = mod.index(x)
         lora = mod.lora
@@ -198,9 +198,8 @@ class HadaLayer(nn.Module, SeamTunerLayer):
             lora_x = lora.dropout(x)
         if inner is None:
             w, b = self.frozen_weight(dtype)
-            backend = resolve_backend(self.backend[name], x.device)
-            if backend == "triton" or (lora is not None and lora.recompute):
-                return self._fused(mod, x, w, b, index, lora_x, dtype, backend)
+            if resolve_backend(self.backend[name], x.device) == "triton":
+                return self._fused(mod, x, w, b, index, lora_x, dtype)
             full = (lambda z: F.linear(z, w, b))  # noqa: E731  the frozen map, A z + c
             linear, const = (lambda z: F.linear(z, w)), b  # noqa: E731  its linear part A z and constant c
         else:
@@ -217,10 +216,21 @@ class HadaLayer(nn.Module, SeamTunerLayer):
             return const
 
         if lora is not None:  # y = l + γ ∘ (h − l), l = s · B A dropout(x)
-            low = F.linear(F.linear(x if lora_x is None else lora_x, _cast(lora.A, dtype)), _cast(lora.B, dtype))
-            if lora.scaling != 1:
-                low = low * lora.scaling
-            return torch.addcmul(low, _cast(_clamp_ste(lora.gate), dtype), full(x) - low)
+            A, B = _cast(lora.A, dtype), _cast(lora.B, dtype)
+
+            def low_rank(u):
+                return F.linear(u, B) * lora.scaling if lora.scaling != 1 else F.linear(u, B)
+
+            u = F.linear(x if lora_x is None else lora_x, A)  # (..., r)
+            low = low_rank(u)
+            diff = full(x) - low  # h − l, what dγ = Σ dy ∘ (h − l) needs
+            gate = _cast(_clamp_ste(lora.gate), dtype)
+            if not lora.recompute or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+                return torch.addcmul(low, gate, diff)
+            # Keep no N × d_out tensor for backward: autograd stores a recipe for h − l (x and u, which the
+            # low-rank branch keeps anyway) and backward recomputes it, one more GEMM.
+            with _recomputed(diff, lambda: full(x) - low_rank(u)):
+                return torch.addcmul(low, gate, diff)
 
         def row(t):  # a table's rows for the input rows, shaped to broadcast over x
             return None if t is None else _per_row(_cast(t, dtype), index, x)
@@ -241,9 +251,9 @@ class HadaLayer(nn.Module, SeamTunerLayer):
             y = y if c is None else y + c
         return y if mod.shift is None else y + row(mod.shift)
 
-    def _fused(self, mod: Modulation, x, w, b, index, lora_x, dtype, backend):
-        """The fused ops of ``hadapeft.ops`` on the dense frozen weight: the Triton kernels, or the gated-LoRA autograd
-        Function that recomputes ``W x`` in backward instead of keeping an N × d_out activation."""
+    def _fused(self, mod: Modulation, x, w, b, index, lora_x, dtype):
+        """The fused Triton kernels of ``hadapeft.ops`` on the dense frozen weight."""
+        backend = "triton"
         if index is None and mod.per_sample:  # the ops read a table with several rows through an index
             index = mod.rows(x.shape[0], x.device)
         lora = mod.lora
@@ -364,6 +374,29 @@ class _Bound:
 
 def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+class _recomputed(torch.autograd.graph.saved_tensors_hooks):
+    """Within the block, autograd saves ``tensor`` as a recipe and calls ``recompute()`` when backward needs it; every
+    other saved tensor is kept as usual."""
+
+    def __init__(self, tensor: torch.Tensor, recompute: Callable[[], torch.Tensor]):
+        target = id(tensor)  # not the tensor: autograd keeps the hooks with what they packed
+
+        def pack(t):
+            return _Recipe(recompute) if id(t) == target else t
+
+        def unpack(packed):
+            return packed.recompute() if isinstance(packed, _Recipe) else packed
+
+        super().__init__(pack, unpack)
+
+
+class _Recipe:
+    __slots__ = ("recompute",)
+
+    def __init__(self, recompute):
+        self.recompute = recompute
 
 
 def _clamp_ste(g: torch.Tensor) -> torch.Tensor:
