@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import transformers as tf
@@ -83,3 +85,64 @@ def op_eager_fp64(fn, ref_fn, inputs, dy):
     return (outputs_and_grads(fn, inputs, dy),
             outputs_and_grads(lambda *a: ref_fn(*a, upcast=False), inputs, dy),
             outputs_and_grads(lambda *a: ref_fn(*a, upcast=True), inputs64, dy))
+
+
+# --- bitsandbytes' two CPU layouts of 4-bit weights (tests/test_bnb.py and the other quantized tests) --------------
+# bitsandbytes repacks a 4-bit weight for its bf16 CPU kernel when the Linear4bit was built with has_avx512bf16()
+# true (read in bitsandbytes.nn.modules) and first runs in eval mode without autograd. Setting that flag tests both
+# layouts on any machine; HADAPEFT_TEST_BNB_REPACK=on|off forces one layout for the whole session instead.
+BNB_LAYOUTS = ("repacked", "standard")
+# A Llama whose linear layers are as wide as real 4-bit models' (the repacking needs in_features >= the 64-element
+# quantization block and out_features a multiple of 32).
+BNB_LLAMA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def emulated_gemv_4bit(A, B, out=None, transposed_A=False, transposed_B=False, state=None):
+    """bitsandbytes' repacked CPU matmul (``bitsandbytes.functional.gemv_4bit`` on a repacked weight) for CPUs without
+    AVX512-BF16, written from its layout: dequantize the (N, K/2) tiles with the transposed bf16 absmax table, then a
+    bf16 matmul as the native kernel does. ``tests/test_bnb.py`` checks it against the native kernel where the CPU
+    has one."""
+    import copy
+
+    import bitsandbytes.functional as F
+
+    qs = copy.copy(state)
+    qs.original_nested = False
+    data, qs = F._convert_weight_packed_for_cpu_inverse(B.clone(), qs)
+    qs.absmax = state.absmax.t().reshape(-1).float()
+    qs.nested, qs.dtype = False, torch.float32
+    w = F.dequantize_4bit(data, qs).to(torch.bfloat16)
+    y = (A.to(torch.bfloat16) @ w.t()).to(A.dtype)
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y
+
+
+def force_bnb_layout(monkeypatch, layout: str) -> None:
+    """Make Linear4bit layers built from now on use ``layout`` ("repacked" or "standard") on this CPU."""
+    import bitsandbytes.functional as F
+    import bitsandbytes.nn.modules as modules
+
+    repack = layout == "repacked"
+    monkeypatch.setattr(modules, "has_avx512bf16", lambda: repack)
+    if repack and not F.has_avx512bf16():  # no native kernel here: bitsandbytes registered none
+        monkeypatch.setattr(F, "gemv_4bit", emulated_gemv_4bit)
+
+
+def use_bnb_layout(monkeypatch, layout: str) -> None:
+    """``force_bnb_layout`` for a test parametrized over ``BNB_LAYOUTS`` (skipped where the session forces the other)."""
+    pytest.importorskip("bitsandbytes")
+    forced = os.environ.get("HADAPEFT_TEST_BNB_REPACK")
+    if forced and layout != {"on": "repacked", "off": "standard"}[forced]:
+        pytest.skip(f"HADAPEFT_TEST_BNB_REPACK={forced}")
+    force_bnb_layout(monkeypatch, layout)
+
+
+def pytest_configure(config):
+    forced = os.environ.get("HADAPEFT_TEST_BNB_REPACK")
+    if forced:
+        if forced not in ("on", "off"):
+            raise pytest.UsageError(f"HADAPEFT_TEST_BNB_REPACK must be on or off, got {forced!r}")
+        force_bnb_layout(pytest.MonkeyPatch(), "repacked" if forced == "on" else "standard")

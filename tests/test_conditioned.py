@@ -19,7 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 
 import hadapeft
-from conftest import build_model, logits, make_inputs
+from conftest import BNB_LAYOUTS, build_model, logits, make_inputs, use_bnb_layout
 from test_contract import grads_with_and_without_checkpointing, hada_layers, make_config, option_sets, peft_model
 
 EMB = 6  # task_embed_dim of the task_embeds option sets
@@ -211,9 +211,11 @@ def test_hypermod_checkpoint_without_hypernet_is_refused(tmp_path):
     assert not hada_layers(base)
 
 
-def test_quantized_bases(tmp_path):
+@pytest.mark.parametrize("layout", BNB_LAYOUTS)
+def test_quantized_bases(tmp_path, layout, monkeypatch):
     test_bnb = pytest.importorskip("test_bnb")  # skips without bitsandbytes
-    build_model("llama").save_pretrained(tmp_path)
+    use_bnb_layout(monkeypatch, layout)
+    test_bnb.save_base(tmp_path)
     inputs = make_inputs("llama")
     for quant in test_bnb.QUANT:
         ref = logits(test_bnb.quantized(tmp_path, quant), inputs)

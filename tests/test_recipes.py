@@ -27,6 +27,7 @@ pytest.importorskip("tqdm", reason="needs the recipes extra (tqdm)")
 import transformers as tf  # noqa: E402
 
 import hadapeft  # noqa: E402
+from conftest import BNB_LAYOUTS, use_bnb_layout  # noqa: E402
 from recipes import common, loading  # noqa: E402
 from recipes.image_cls import ImageClsRecipe  # noqa: E402
 from recipes.multitask import MultiTaskRecipe  # noqa: E402
@@ -100,6 +101,10 @@ def make_assets(root: Path) -> dict[str, str]:
         "bert": tf.BertConfig(vocab_size=len(tok), max_position_embeddings=128, **small),
         "vit": tf.ViTConfig(image_size=16, patch_size=4, num_channels=3, **small),
     }
+    # As wide as real 4-bit models' layers (bitsandbytes' CPU repacking needs a full 64-element block): QLoRA.
+    configs["llama64"] = tf.LlamaConfig(vocab_size=len(tok), num_key_value_heads=2, max_position_embeddings=128,
+                                        tie_word_embeddings=False, **dict(small, hidden_size=64,
+                                                                          intermediate_size=128))
     for name, config in configs.items():
         config.save_pretrained(root / name)
         if name != "vit":
@@ -291,17 +296,25 @@ def _task_ids(models: list, name: str):
         yield
 
 
-def test_qlora_variant_trains_on_a_4bit_base(assets, tmp_path, _restore_globals):
+@pytest.mark.parametrize("layout", BNB_LAYOUTS)
+def test_qlora_variant_trains_on_a_4bit_base(assets, tmp_path, _restore_globals, monkeypatch, layout):
+    """QLoRA with an evaluation after every step, in both of bitsandbytes' CPU layouts of 4-bit weights (evaluating
+    repacks the weights on AVX512-BF16 CPUs; tests/test_bnb.py checks the gradients after that)."""
     pytest.importorskip("bitsandbytes")
+    use_bnb_layout(monkeypatch, layout)
+    import math
+
+    import bitsandbytes as bnb
+
     out = tmp_path / "qlora"
     values = smoke_values(assets, "sft", str(out), {"type": "gated_lora", "r": 4, "target_modules": "all-linear"},
                           steps=3)
-    res = run_recipe("sft", {**values, "model.quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                                                              "bnb_4bit_compute_dtype": "float32"}})
-    import bitsandbytes as bnb
-
+    res = run_recipe("sft", {**values, "model.name_or_path": assets["llama64"], "train.eval_steps": 1,
+                             "model.quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                                    "bnb_4bit_compute_dtype": "float32"}})
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in res.model.modules())
     assert res.step == 3 and (out / "adapter_model.safetensors").is_file()
+    assert all(math.isfinite(v) for v in res.metrics.values() if isinstance(v, float)), res.metrics
 
 
 # --------------------------------------------------------------------------------------- processes and resume

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..seam.bnb import dense_weight_4bit, guard_4bit_layer
 from ..seam.hooks import dequantize_bnb_weight
 
 
@@ -47,6 +48,8 @@ def dense_weight(layer: nn.Module, kind: str, dtype: torch.dtype | None = None) 
         w = layer.weight
     elif kind == "conv1d":
         w = layer.weight.t()
+    elif kind == "4bit":  # either of bitsandbytes' CPU layouts (hadapeft.seam.bnb)
+        w = dense_weight_4bit(layer.weight).reshape(layer.out_features, layer.in_features)
     else:
         w = dequantize_bnb_weight(layer.weight, state=getattr(layer, "state", None))
         w = w.reshape(layer.out_features, layer.in_features)
@@ -88,6 +91,23 @@ def write_dense_weight(layer: nn.Module, kind: str, w: torch.Tensor) -> None:
         layer.weight = bnb.nn.Int8Params(w.to("cpu"), requires_grad=False,
                                          has_fp16_weights=old.has_fp16_weights).to(old.device)
         sync_int8_state(layer, layer.weight.SCB)
+
+
+def restore_quantized_weight(layer: nn.Module, kind: str, weight, scb=None) -> None:
+    """Put back a quantized weight kept aside at merge (bit for bit; no re-quantization)."""
+    layer.weight = weight
+    if kind == "4bit":  # Linear4bit also keeps the quant state on the module (bitsandbytes reads it after FSDP)
+        layer.quant_state = weight.quant_state
+    else:
+        sync_int8_state(layer, scb)
+
+
+def guard_4bit_layers(model: nn.Module) -> None:
+    """Make every bitsandbytes 4-bit layer of ``model`` safe in both CPU layouts for training and state dicts
+    (``hadapeft.seam.bnb``): the wrapped ones and the frozen ones gradients flow through."""
+    for module in model.modules():
+        if _bnb_kind(module) == "4bit":
+            guard_4bit_layer(module)
 
 
 def sync_int8_state(layer: nn.Module, scb: torch.Tensor) -> None:

@@ -349,9 +349,7 @@ class HadaLayer(nn.Module, SeamTunerLayer):
                 continue
             t = record["terms"]
             if "quantized" in record:
-                base.weight = record["quantized"]
-                if self.base_kind == "8bit":
-                    frozen.sync_int8_state(base, record["scb"])
+                frozen.restore_quantized_weight(base, self.base_kind, record["quantized"], record.get("scb"))
             else:
                 w, _ = self.frozen_weight(torch.float32)
                 frozen.write_dense_weight(base, self.base_kind, _undo_terms(w, t.M, t.W_add, record["w"]))

@@ -87,6 +87,7 @@ class HadaModel(SeamTuner):
         if spec is not None:
             # so that the HF Trainer keeps a task_ids / task_embeds column (it drops what forward does not name)
             install_conditioned_forward(model)
+        frozen.guard_4bit_layers(model)
 
     def _rollback(self, model: nn.Module, adapter_name: str) -> None:
         unwrap_adapter(model, adapter_name)

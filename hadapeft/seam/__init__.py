@@ -7,6 +7,7 @@ greps the rest of the project); each such name is listed, with the reason, in :d
 * ``tuner`` — peft's ``BaseTuner`` / ``BaseTunerLayer`` with their private hooks mapped onto named methods;
 * ``peft_model`` — all-or-nothing loading, crash-consistent saving and ``task_ids`` / ``task_embeds`` on
   ``PeftModel`` and its task classes;
+* ``bnb`` — bitsandbytes 4-bit weights in either of its CPU layouts (repacked for AVX512-BF16 or not);
 * ``hooks`` — the inventory, and accessors for the few private functions used elsewhere.
 
 Tested with peft 0.21.x (``SUPPORTED_PEFT``); outside that range ``import hadapeft`` raises, because the enum surgery

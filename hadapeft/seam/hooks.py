@@ -1,4 +1,5 @@
-"""Inventory of every private (or undocumented) name of peft, transformers and torch that hadapeft relies on.
+"""Inventory of every private (or undocumented) name of peft, transformers, bitsandbytes and torch that hadapeft
+relies on.
 
 Each entry says where the name lives and why hadapeft needs it. ``tests/test_seam.py`` checks that every entry
 exists on the installed versions, so a peft / transformers / torch upgrade that renames one fails one clear test
@@ -9,6 +10,7 @@ test greps for private imports elsewhere).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 
 
@@ -17,6 +19,7 @@ class Hook:
     module: str  # importable module
     name: str  # attribute path inside it ("BaseTuner._create_and_replace")
     why: str
+    optional: bool = False  # in an optional dependency (bitsandbytes): not missing when that is not installed
 
     def resolve(self):
         obj = importlib.import_module(self.module)
@@ -58,6 +61,9 @@ PRIVATE_HOOKS: tuple[Hook, ...] = (
     Hook("peft.config", "PeftConfigMixin.from_peft_type", "start-up hint when hadapeft is not imported"),
     # --- bitsandbytes bases (core/frozen.py through seam.dequantize_bnb_weight) ---
     Hook("peft.utils.integrations", "dequantize_bnb_weight", "dense view of a 4-/8-bit weight for merging"),
+    Hook("bitsandbytes.functional", "_convert_weight_packed_for_cpu_inverse",
+         "4-bit weights repacked for the AVX512-BF16 CPU kernel back to the standard layout (seam/bnb.py)",
+         optional=True),
     # --- torch ---
     Hook("torch._C", "_current_graph_task_id", "tell a gradient-checkpointing recompute (inside backward)"),
     Hook("torch", "_assert_async", "range-check task ids on the device, without a host sync"),
@@ -68,6 +74,8 @@ def missing_hooks() -> list[str]:
     """The entries of :data:`PRIVATE_HOOKS` that the installed libraries lack, as ``module:name`` strings."""
     missing = []
     for hook in PRIVATE_HOOKS:
+        if hook.optional and importlib.util.find_spec(hook.module.split(".")[0]) is None:
+            continue
         try:
             hook.resolve()
         except (ImportError, AttributeError):
