@@ -160,11 +160,11 @@ class HadaLayer(nn.Module, SeamTunerLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # The hot path of every adapted layer: plain attribute reads, no per-call allocations beyond the math.
         base = self.base_layer
-        if self._disable_adapters:
+        disabled, active = self.switch_state()
+        if disabled:
             if self.merged_adapters:
                 self.unmerge()
             return base(x, *args, **kwargs)
-        active = self._active_adapter
         active = [a for a in ((active,) if isinstance(active, str) else active) if a in self.backend]
         if self.merged_adapters or not active:
             return base(x, *args, **kwargs)

@@ -16,6 +16,10 @@ class SeamTunerLayer(BaseTunerLayer):
         self._disable_adapters = False
         self._active_adapter = adapter_name
 
+    def switch_state(self) -> tuple:
+        """(adapters disabled, active adapter name or names): peft's per-layer switches, read on every forward."""
+        return self._disable_adapters, self._active_adapter
+
     def move_adapter_to_base_device(self, adapter_name: str) -> None:
         self._move_adapter_to_device_of_base_layer(adapter_name)
 
