@@ -23,11 +23,9 @@ def _explain(fn, *args, **kwargs):
     return dynamo.explain(fn)(*args, **kwargs)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("option", OPTIONS)
-def test_one_graph_with_conditioning_kwargs(option, family):
-    if option == "ia3_fused_qkv" and family != "gpt2":
-        pytest.skip("fused qkv is a GPT-2 option set")
+def test_one_graph_with_conditioning_kwargs(option):
+    family = "gpt2" if option == "ia3_fused_qkv" else "llama"
     model = peft_model(option, family)
     ex = _explain(model, **make_inputs(family, batch=BATCH), **cond(model, range(BATCH)))
     reasons = [str(b.reason).splitlines()[0] for b in ex.break_reasons]

@@ -9,7 +9,7 @@ ADAPTER = register(AdapterType(
         "gated_vector": OptionSet(dict(r=4, lora_alpha=8)),
         "gated_save": OptionSet(dict(r=4, lora_alpha=8, gate_grad="save"), families=("llama", "gpt2", "bert", "vit")),
         "gated_scalar_all_linear": OptionSet(dict(r=2, lora_alpha=4, gate="scalar", target_modules="all-linear",
-                                                  lora_dropout=0.1)),
+                                                  lora_dropout=0.1), families=("llama", "gpt2", "bert", "vit")),
     },
     bench_options=("gated_vector", "gated_save"),
 ))
