@@ -225,8 +225,13 @@ class HadaLayer(nn.Module, SeamTunerLayer):
             low = low_rank(u)
             diff = full(x) - low  # h − l, what dγ = Σ dy ∘ (h − l) needs
             gate = _cast(_clamp_ste(lora.gate), dtype)
-            if not lora.recompute or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            if not lora.recompute or not torch.is_grad_enabled():
                 return torch.addcmul(low, gate, diff)
+            if torch.compiler.is_compiling():  # dynamo cannot trace saved-tensor hooks; checkpointing it can
+                def mix(x, u, gate):
+                    low = low_rank(u)
+                    return torch.addcmul(low, gate, full(x) - low)
+                return torch.utils.checkpoint.checkpoint(mix, x, u, gate, use_reentrant=False)
             # Keep no N × d_out tensor for backward: autograd stores a recipe for h − l (x and u, which the
             # low-rank branch keeps anyway) and backward recomputes it, one more GEMM.
             with _recomputed(diff, lambda: full(x) - low_rank(u)):
