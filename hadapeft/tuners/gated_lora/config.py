@@ -29,9 +29,10 @@ class GatedLoraConfig(HadaConfig):
     lora_dropout: float = help_field(0.0, "Dropout on the low-rank branch's input, in [0, 1).")
     gate: str = help_field("vector", "'vector': one gate per output feature; 'scalar': one gate per layer.")
     gate_init: float = help_field(1.0, "Initial γ in [0, 1] (1.0: the frozen path only, exact identity at init).")
+    size_fields = ("r",)
 
-    def __post_init__(self):
-        super().__post_init__()
+    def validate(self):
+        super().validate()
         self._positive("r", self.r)
         if not _is_number(self.lora_alpha) or not (0 < self.lora_alpha < math.inf):
             raise HadapeftConfigError(f"lora_alpha must be a positive number (finite), got {self.lora_alpha!r}")
