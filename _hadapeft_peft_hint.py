@@ -28,9 +28,13 @@ def hadapeft_types() -> set:
 
 def _check(peft_type):
     name = str(getattr(peft_type, "value", peft_type))
-    if "hadapeft" not in sys.modules and name and name.upper() == name and name in hadapeft_types():
-        raise ValueError(f"this adapter is a hadapeft {name} adapter: run `import hadapeft` before loading it "
-                         "(pip install hadapeft); peft does not know the type otherwise")
+    # Also a wrongly written type ('gated_lora'): after `import hadapeft` it would still fail, so say both.
+    normalized = name.strip().upper().replace("-", "_")
+    if "hadapeft" not in sys.modules and normalized and normalized in hadapeft_types():
+        fix = f"; also write its peft_type as {normalized!r} (not {name!r}) in adapter_config.json" \
+            if normalized != name else ""
+        raise ValueError(f"this adapter is a hadapeft {normalized} adapter: run `import hadapeft` before loading it "
+                         f"(pip install hadapeft); peft does not know the type otherwise{fix}")
 
 
 def _patch(module):

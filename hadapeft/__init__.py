@@ -19,7 +19,7 @@ from . import registry, tuners  # noqa: E402
 from .backend import use_backend  # noqa: E402
 from .core.conditioning import conditioning, for_call  # noqa: E402
 from .errors import AdapterCheckpointError, ConditioningError, HadapeftConfigError, TargetModuleError  # noqa: E402
-from .safety import allow_pickle_checkpoints  # noqa: E402
+from .safety import allow_nonfinite_checkpoints, allow_pickle_checkpoints  # noqa: E402
 from .seam import peft_model as _peft_model  # noqa: E402
 from .version import __version__  # noqa: E402
 
@@ -29,6 +29,6 @@ globals().update({t.config_cls.__name__: t.config_cls for t in registry.ADAPTER_
 
 __all__ = [
     *(t.config_cls.__name__ for t in registry.ADAPTER_TYPES.values()),
-    "conditioning", "use_backend", "__version__", "allow_pickle_checkpoints",
+    "conditioning", "use_backend", "__version__", "allow_pickle_checkpoints", "allow_nonfinite_checkpoints",
     "HadapeftConfigError", "TargetModuleError", "AdapterCheckpointError", "ConditioningError",
 ]

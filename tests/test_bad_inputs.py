@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import hadapeft
 from hadapeft.core.layer import HadaLayer
-from conftest import build_model, make_inputs
+from conftest import build_model, logits, make_inputs
 from test_contract import make_config, peft_model
 
 EMB = 6
@@ -404,3 +405,393 @@ def test_matrix_size():
     assert len(CASES) >= 40
     assert {c.kind for c in CASES} == {"config", "target", "checkpoint", "cond"}
     assert {c.arg[0] for c in CASES if c.kind == "config"} == {G, I, F, H}
+
+
+# ==== second round (issue 22): after a refused operation every adapter still computes what it computed =============
+IDS = torch.tensor([2, 0])
+
+
+def _adapter_inputs(model, name, inputs):
+    """``inputs`` plus what adapter ``name`` conditions on (task ids 2, 0 / fixed task embeddings)."""
+    spec = model.peft_config[name]
+    if getattr(spec, "task_embed_dim", None):
+        return dict(inputs, task_embeds=torch.linspace(-1, 1, 2 * spec.task_embed_dim).view(2, -1))
+    if getattr(spec, "num_tasks", None):
+        return dict(inputs, task_ids=IDS)
+    return inputs
+
+
+def _outputs(model, inputs) -> dict:
+    """What each adapter computes (made active in turn), and the base model; the active adapter is kept."""
+    active = list(model.base_model.active_adapters)
+    out = {}
+    for name in model.peft_config:
+        model.base_model.set_adapter(name)
+        out[name] = logits(model, _adapter_inputs(model, name, inputs))
+    model.base_model.set_adapter(active if len(active) > 1 else active[0])
+    with model.disable_adapter():
+        out[None] = logits(model, inputs)
+    return out
+
+
+def _full_snapshot(model, inputs):
+    configs = {n: (type(c), c.to_dict()) for n, c in model.peft_config.items()}
+    return _snapshot(model), configs, _outputs(model, inputs), list(model.base_model.active_adapters)
+
+
+def _assert_nothing_lost(model, snap, inputs):
+    plain, configs, outputs, active = snap
+    _assert_unchanged(model, plain)
+    assert {n: (type(c), c.to_dict()) for n, c in model.peft_config.items()} == configs
+    assert list(model.base_model.active_adapters) == active
+    now = _outputs(model, inputs)
+    assert now.keys() == outputs.keys()
+    for name, y in outputs.items():
+        assert torch.equal(now[name], y), f"adapter {name!r} computes something else now"
+
+
+def _holder(option="gated"):
+    """A llama holding adapter 'default' of ``option`` (non-trivial weights)."""
+    return _cond_model(option)
+
+
+# --- class 2: a failed injection undoes only what it did ----------------------------------------------------------
+@pytest.mark.parametrize("how", ["base-model", "peft-model"])
+def test_failed_injection_of_another_type_keeps_the_adapter_there(how):
+    inputs = make_inputs("llama")
+    model = _holder("gated")
+    snap = _full_snapshot(model, inputs)
+    target = model.base_model.model if how == "base-model" else model
+    with pytest.raises(TgtErr, match=r"q_proj' already holds an adapter of another type \(GatedLoraLinear\)"):
+        get_peft_model(target, F(num_tasks=3, target_modules=["o_proj", "q_proj"]), adapter_name="film")
+    _assert_nothing_lost(model, snap, inputs)
+    with pytest.raises(CfgErr, match=r"already holds an adapter named 'default' \(GatedLoraConfig\)"):
+        get_peft_model(target, F(num_tasks=3, target_modules=["o_proj"]))  # would replace its config
+    _assert_nothing_lost(model, snap, inputs)
+
+
+@pytest.mark.parametrize("option", ["hypermod_tasks", "film_embeds", "ia3_tasks", "gated"])
+def test_failed_add_adapter_keeps_the_adapters_there(option):
+    """The new adapter fails half-way (its last target is an embedding): its layers, shared hypernetwork,
+    conditioning and config go; the adapter already there keeps everything."""
+    inputs = make_inputs("llama")
+    model = _holder(option)
+    snap = _full_snapshot(model, inputs)
+    cls, kw = COND[option]
+    with pytest.raises(TgtErr, match=r"'model.embed_tokens' is a Embedding"):
+        model.add_adapter("b", cls(**kw, target_modules=["q_proj", "v_proj", "embed_tokens"]))
+    _assert_nothing_lost(model, snap, inputs)
+
+
+@pytest.mark.parametrize("option", ["hypermod_tasks", "film_tasks"])
+def test_failed_load_adapter_keeps_the_adapters_there(option, tmp_path):
+    """The weights do not fit (after injection): the new adapter's layers, hypernetwork and spec go again."""
+    inputs = make_inputs("llama")
+    cls, kw = COND[option]
+    donor = get_peft_model(build_model("llama"), cls(**kw, init_weights=False))
+    donor.save_pretrained(tmp_path)
+    t = load_file(tmp_path / "adapter_model.safetensors")
+    t.pop(sorted(t)[0])
+    save_file(t, tmp_path / "adapter_model.safetensors")
+    model = _holder(option)
+    snap = _full_snapshot(model, inputs)
+    with pytest.raises(CkptErr, match="missing from the checkpoint"):
+        model.load_adapter(tmp_path, "b")
+    _assert_nothing_lost(model, snap, inputs)
+
+
+def test_failed_from_pretrained_on_a_model_with_adapter_layers_keeps_them(tmp_path, saved_gated):
+    """The base model handed to from_pretrained already holds hadapeft layers (on other modules); the checkpoint
+    fails after its layers were injected."""
+    inputs = make_inputs("llama")
+    torch.manual_seed(3)
+    model = get_peft_model(build_model("llama"), I(num_tasks=3, target_modules=["o_proj"], init_weights=False))
+    snap = _full_snapshot(model, inputs)
+    folder = tmp_path / "adapter"
+    shutil.copytree(saved_gated, folder)
+    _edit_tensors(_drop_first)(folder)
+    with pytest.raises(CkptErr, match="1 adapter tensors are missing from the checkpoint"):
+        PeftModel.from_pretrained(model.base_model.model, folder, adapter_name="g")
+    _assert_nothing_lost(model, snap, inputs)
+
+
+# --- class 3: adapter names ----------------------------------------------------------------------------------------
+BAD_NAMES = ["", "../x", "/tmp/abs", "a/b", "a.b", " default", "training", "forward", "base_layer", "layers",
+             "q_proj", "weight", "0", "gated_lora_x", "film_x"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=[repr(n) for n in BAD_NAMES])
+def test_bad_adapter_names_are_refused(name):
+    inputs = make_inputs("llama")
+    model = build_model("llama")
+    plain = _snapshot(model)
+    with pytest.raises(CfgErr, match=r"adapter name .* is not allowed: .*start with a letter"):
+        get_peft_model(model, G(r=2, init_weights=False), adapter_name=name)
+    _assert_unchanged(model, plain)
+    holder = _holder("gated")
+    snap = _full_snapshot(holder, inputs)
+    with pytest.raises(CfgErr, match=r"adapter name .* is not allowed"):
+        holder.add_adapter(name, G(r=2, init_weights=False))
+    _assert_nothing_lost(holder, snap, inputs)
+
+
+@pytest.mark.parametrize("name", ["task-a", "B_2", "x" * 64])
+def test_good_adapter_names_save_and_load(name, tmp_path):
+    inputs = make_inputs("llama")
+    model = _holder("gated")
+    model.add_adapter(name, G(r=2, init_weights=False))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(build_model("llama"), tmp_path)
+    loaded.load_adapter(tmp_path / name, name)
+    for n in ("default", name):
+        model.set_adapter(n)
+        loaded.set_adapter(n)
+        assert torch.equal(logits(loaded, inputs), logits(model, inputs)), n
+
+
+# --- class 4: a checkpoint may only hold the adapter's own tensors, finite ----------------------------------------
+def _add_base_weight(t):
+    k = next(k for k in sorted(t) if k.endswith("q_proj.gated_lora_A"))
+    t[k.replace("gated_lora_A", "base_layer.weight")] = torch.zeros(32, 32)
+
+
+def _add_lm_head(t):
+    t["base_model.model.lm_head.weight"] = torch.zeros(96, 32)
+
+
+def _poison(value):
+    def fn(t):
+        k = next(k for k in sorted(t) if "gated_lora_gate" in k)
+        t[k][0] = value
+    return fn
+
+
+CASES += [
+    Bad("ckpt-overwrites-base-layer", "checkpoint", (_edit_tensors(_add_base_weight), None), CkptErr,
+        r"1 checkpoint tensors are not this adapter's but weights of the model, which loading would overwrite: "
+        r".*q_proj\.base_layer\.weight"),
+    Bad("ckpt-overwrites-lm-head", "checkpoint", (_edit_tensors(_add_lm_head), None), CkptErr,
+        r"weights of the model, which loading would overwrite: .*lm_head\.weight"),
+    Bad("ckpt-nan", "checkpoint", (_edit_tensors(_poison(float("nan"))), None), CkptErr,
+        r"1 tensors hold NaN or infinite values, e.g. .*gated_lora_gate.*allow_nonfinite_checkpoints"),
+    Bad("ckpt-inf", "checkpoint", (_edit_tensors(_poison(float("-inf"))), None), CkptErr,
+        r"NaN or infinite values"),
+    Bad("ckpt-peft-type-lower-case", "checkpoint", (_set("peft_type", "gated_lora"), None), CkptErr,
+        r"peft_type 'gated_lora', which is not an adapter type \(did you mean 'GATED_LORA'\?.*Known types: "
+        r"hadapeft's \['FILM', 'GATED_LORA', 'HADA_IA3', 'HYPERMOD'\]"),
+    Bad("ckpt-peft-type-unknown", "checkpoint", (_set("peft_type", "GATED_LORRA"), None), CkptErr,
+        r"peft_type 'GATED_LORRA', which is not an adapter type\. Known types: .*peft's \[.*'LORA'"),
+]
+
+
+def test_non_finite_checkpoint_loads_with_the_opt_in(saved_gated, tmp_path, monkeypatch):
+    folder = tmp_path / "adapter"
+    shutil.copytree(saved_gated, folder)
+    _edit_tensors(_poison(float("nan")))(folder)
+    monkeypatch.delenv("HADAPEFT_ALLOW_NONFINITE", raising=False)
+    with hadapeft.allow_nonfinite_checkpoints():
+        model = PeftModel.from_pretrained(build_model("llama"), folder)
+    assert any(bool(torch.isnan(p).any()) for n, p in model.named_parameters() if "gate" in n)
+    with pytest.raises(CkptErr, match="NaN"):  # the opt-in ends with the block
+        PeftModel.from_pretrained(build_model("llama"), folder)
+    monkeypatch.setenv("HADAPEFT_ALLOW_NONFINITE", "1")
+    PeftModel.from_pretrained(build_model("llama"), folder)
+
+
+# --- class 7: conditioning around a call must fit its batch ---------------------------------------------------------
+@pytest.mark.parametrize("option", ["film_tasks", "hypermod_embeds", "ia3_tasks"])
+def test_conditioning_block_with_fewer_samples_than_the_batch_is_refused(option):
+    model = _cond_model(option)
+    inputs = make_inputs("llama", batch=4)
+    snap = _snapshot(model)
+    two = _adapter_inputs(model, "default", {})
+    with pytest.raises(CondErr, match=r"the conditioning has 2 samples but an adapted layer received 4 rows"):
+        with hadapeft.conditioning(model, **two):
+            model(**inputs)
+    _assert_unchanged(model, snap)
+    # generate's own beam expansion of a fitting batch is fine
+    inputs2 = make_inputs("llama", batch=2, seq=4)
+    with hadapeft.conditioning(model, **two):
+        out = model.generate(**inputs2, num_beams=2, num_return_sequences=2, max_new_tokens=2, do_sample=False)
+    assert torch.equal(out, model.generate(**inputs2, **two, num_beams=2, num_return_sequences=2, max_new_tokens=2,
+                                           do_sample=False))
+
+
+# --- class 8: a merged task is the only task -------------------------------------------------------------------------
+@pytest.mark.parametrize("option", ["film_tasks", "hypermod_tasks", "ia3_tasks"])
+def test_task_ids_after_a_task_merge(option):
+    model = _cond_model(option)
+    inputs = make_inputs("llama")
+    task1 = logits(model, dict(inputs, task_ids=torch.tensor([1, 1])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "added a bias" for FiLM / HyperMod on llama
+        model.merge_adapter(task_id=1)
+    snap = _snapshot(model)
+    assert torch.allclose(logits(model, inputs), task1, atol=1e-5)
+    assert torch.allclose(logits(model, dict(inputs, task_ids=torch.tensor([1, 1]))), task1, atol=1e-5)
+    with pytest.raises(CondErr, match=r"adapter 'default' is merged into the weights with task_id=1, so it cannot "
+                                      r"condition per sample \(got \[0, 2\]\): call unmerge_adapter\(\) first"):
+        model(**inputs, task_ids=torch.tensor([0, 2]))
+    with pytest.raises(CondErr, match=r"merged into the weights with task_id=1"):
+        model.generate(**inputs, task_ids=torch.tensor([0, 2]), max_new_tokens=2)
+    with pytest.raises(CondErr, match=r"already merged with task_id=1: call unmerge_adapter\(\) before merging"):
+        model.merge_adapter(task_id=0)
+    with pytest.raises(CondErr, match=r"already merged with task_id=1"):
+        model.merge_and_unload(task_id=0)
+    _assert_unchanged(model, snap)
+    assert torch.allclose(logits(model, inputs), task1, atol=1e-5)
+    model.unmerge_adapter()
+    assert torch.allclose(logits(model, dict(inputs, task_ids=IDS)),
+                          _cond_model(option)(**inputs, task_ids=IDS).logits.detach(), atol=1e-5)
+
+
+@pytest.mark.parametrize("task_id", [torch.tensor([0, 1]), torch.tensor([[1]]).float(), torch.tensor([True])],
+                         ids=["two", "float", "bool"])
+def test_merge_takes_one_task(task_id):
+    model = _cond_model("film_tasks")
+    inputs = make_inputs("llama")
+    snap = _full_snapshot(model, inputs)
+    with pytest.raises(CondErr, match=r"task_id must be one task, an int \(or a one-element integer tensor\)"):
+        model.merge_and_unload(task_id=task_id)
+    _assert_nothing_lost(model, snap, inputs)
+
+
+def test_merge_takes_one_task_embedding():
+    model = _cond_model("film_embeds")
+    inputs = make_inputs("llama")
+    snap = _full_snapshot(model, inputs)
+    with pytest.raises(CondErr, match=r"task_embeds for a merge must be one vector.*got shape \(2, 6\)"):
+        model.merge_adapter(task_embeds=torch.zeros(2, EMB))
+    _assert_nothing_lost(model, snap, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.merge_and_unload(task_id=None, task_embeds=torch.zeros(1, EMB))  # (1, d) is one vector
+
+
+# --- class 10: configs changed after they were built ---------------------------------------------------------------
+MUTATIONS = [
+    (G, dict(r=2), "r", 0, r"^r must be a positive integer, got 0"),
+    (G, dict(r=2), "lora_alpha", "x", r"lora_alpha must be a positive number"),
+    (G, dict(r=2), "gate", "matrix", r"gate must be 'vector' or 'scalar'"),
+    (G, dict(r=2), "backend", "cuda", r"backend='cuda' is not one of"),
+    (F, dict(num_tasks=3), "num_tasks", 0, r"num_tasks must be a positive integer, got 0"),
+    (F, dict(num_tasks=3), "task_embed_dim", 4, r"needs exactly one of num_tasks"),
+    (H, dict(num_tasks=3), "r", -1, r"r must be a positive integer, got -1"),
+    (H, dict(num_tasks=3), "hidden_dim", 2.5, r"hidden_dim must be a positive integer"),
+    (I, dict(num_tasks=3), "num_tasks", 0, r"num_tasks must be a positive integer, got 0"),
+]
+
+
+@pytest.mark.parametrize("cls,kw,field_name,value,message", MUTATIONS,
+                         ids=[f"{c.__name__}-{f}" for c, _, f, _, _ in MUTATIONS])
+def test_config_changed_after_construction_is_validated_at_injection(cls, kw, field_name, value, message):
+    inputs = make_inputs("llama")
+    cfg = cls(**kw, init_weights=False)
+    setattr(cfg, field_name, value)
+    model = build_model("llama")
+    plain = _snapshot(model)
+    with pytest.raises(CfgErr, match=message):
+        get_peft_model(model, cfg)
+    _assert_unchanged(model, plain)
+    holder = _holder("ia3_tasks" if cls is I else "film_tasks" if cls is F else "hypermod_tasks" if cls is H
+                     else "gated")
+    snap = _full_snapshot(holder, inputs)
+    with pytest.raises(CfgErr, match=message):
+        holder.add_adapter("b", cfg)
+    _assert_nothing_lost(holder, snap, inputs)
+
+
+# --- class 11: clear errors, and low_cpu_mem_usage -----------------------------------------------------------------
+@pytest.mark.parametrize("cls", [F, H, I])
+def test_a_num_tasks_too_large_to_allocate_names_num_tasks(cls):
+    inputs = make_inputs("llama")
+    model = build_model("llama")
+    plain = _snapshot(model)
+    with pytest.raises(CfgErr, match=r"cannot allocate adapter 'default' \(.*num_tasks=1099511627776.*\) for module"):
+        get_peft_model(model, cls(num_tasks=2 ** 40))
+    _assert_unchanged(model, plain)
+    holder = _holder("gated" if cls is not I else "ia3")
+    if cls is I:
+        snap = _full_snapshot(holder, inputs)
+        with pytest.raises(CfgErr, match=r"num_tasks=1099511627776"):
+            holder.add_adapter("b", cls(num_tasks=2 ** 40))
+        _assert_nothing_lost(holder, snap, inputs)
+
+
+@pytest.mark.parametrize("option", list(COND))
+def test_low_cpu_mem_usage_loads_every_type(option, tmp_path):
+    inputs = make_inputs("llama")
+    model = _cond_model(option)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(build_model("llama"), tmp_path, low_cpu_mem_usage=True)
+    kw = _adapter_inputs(model, "default", inputs)
+    assert torch.equal(logits(loaded, kw), logits(model, kw))
+    assert not any(p.is_meta for p in loaded.parameters())
+
+
+def test_start_up_hint_names_a_wrongly_written_hadapeft_type(monkeypatch):
+    """Without `import hadapeft`, a type written in the wrong case still gets the hint (and the spelling to fix)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_hint_case", Path(__file__).parents[1] / "_hadapeft_peft_hint.py")
+    hint = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hint)
+    hint._remove()
+    monkeypatch.delitem(sys.modules, "hadapeft")
+    with pytest.raises(ValueError, match=r"hadapeft GATED_LORA adapter: run `import hadapeft`.*write its peft_type as "
+                                         r"'GATED_LORA' \(not 'gated_lora'\)"):
+        hint._check("gated_lora")
+    hint._check("LORA")  # peft's own: untouched
+
+
+# --- class 12: task_ids while no conditioned adapter is active -----------------------------------------------------
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.out = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.lin(x)))
+
+
+@pytest.mark.parametrize("cls", [F, H])
+def test_task_ids_are_ignored_while_the_conditioned_adapter_is_disabled(cls):
+    torch.manual_seed(0)
+    model = get_peft_model(build_model("llama"), cls(num_tasks=3, init_weights=False, task_type="CAUSAL_LM"))
+    inputs = make_inputs("llama")
+    with model.disable_adapter():
+        base = logits(model, inputs)
+        assert torch.equal(logits(model, dict(inputs, task_ids=IDS)), base)
+        greedy = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert torch.equal(model.generate(**inputs, task_ids=IDS, max_new_tokens=3, do_sample=False), greedy)
+    assert not torch.equal(logits(model, dict(inputs, task_ids=IDS)), base)  # enabled again: ids used
+
+
+def test_task_ids_are_ignored_on_a_custom_module_when_the_conditioned_adapter_is_not_active():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    model = get_peft_model(MLP(), I(num_tasks=3, target_modules=["lin"], init_weights=False))
+    model.add_adapter("plain", I(target_modules=["lin"], init_weights=False))
+    with model.disable_adapter():
+        assert torch.equal(model(x, task_ids=IDS), model(x))
+    model.set_adapter("plain")
+    plain = model(x)
+    assert torch.equal(model(x, task_ids=IDS), plain)
+    model.delete_adapter("default")  # the conditioned one: code passing the same batch keeps working
+    assert torch.equal(model(x, task_ids=IDS), plain)
+    assert torch.equal(model(x, task_embeds=torch.zeros(2, 4)), plain)
+
+
+def test_half_precision_generate_uses_the_task_ids():
+    torch.manual_seed(0)
+    model = get_peft_model(build_model("llama").half(), F(num_tasks=3, init_weights=False, task_type="CAUSAL_LM"))
+    model.eval()
+    inputs = make_inputs("llama", seq=4)
+    kw = dict(max_new_tokens=4, do_sample=False, num_beams=2)
+    by_task = {t: model.generate(**inputs, task_ids=torch.tensor([t, t]), **kw) for t in range(3)}
+    assert len({tuple(v.flatten().tolist()) for v in by_task.values()}) > 1  # the ids reach the layers
+    with hadapeft.conditioning(model, task_ids=torch.tensor([1, 1])):
+        assert torch.equal(model.generate(**inputs, **kw), by_task[1])

@@ -4,6 +4,7 @@ safe_merge refusing non-finite weights."""
 from __future__ import annotations
 
 import json
+import queue
 import os
 import random
 import signal
@@ -286,3 +287,209 @@ def test_safe_merge_refuses_non_finite(value):
         model.merge_adapter(safe_merge=True)
     assert torch.equal(layer.get_base_layer().weight, weight_before)
     assert not layer.merged
+
+
+# --- concurrent savers (issue 22, class 1; acceptance 2) ------------------------------------------------------------
+# Each worker process saves a tiny Gated LoRA adapter into one shared folder when told to; its save in round i has
+# every trainable tensor filled with the value v = 1000·worker + i + 1 and lora_alpha = v, so the folder tells which
+# save it holds and whether its weights and config come from the same save. The parent releases both workers at once
+# each round, reads the folder (under hadapeft's read lock) while they save, and checks after the round that the folder
+# holds exactly one of that round's two saves: never a mix, never an older save (a committed save lost).
+SAVER = r"""
+import importlib, os, sys, time, torch, transformers as tf
+torch.set_num_threads(1)
+import hadapeft
+from peft import get_peft_model
+worker, target, delay = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+if delay:  # a slow disk: every fsync takes `delay` seconds (widens every window between the steps of a save)
+    atomic_save = importlib.import_module("hadapeft.safety.atomic_save")
+    fsync = atomic_save._fsync_path
+    def slow_fsync(*args, **kwargs):
+        time.sleep(delay)
+        fsync(*args, **kwargs)
+    atomic_save._fsync_path = slow_fsync
+torch.manual_seed(0)
+cfg = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+model = get_peft_model(tf.LlamaForCausalLM(cfg), hadapeft.GatedLoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+params = [p for p in model.parameters() if p.requires_grad]
+print("READY", flush=True)
+for line in sys.stdin:
+    v = 1000.0 * worker + int(line) + 1
+    with torch.no_grad():
+        for p in params:
+            p.fill_(v)
+    model.peft_config["default"].lora_alpha = v
+    model.save_pretrained(target)
+    print("DONE", int(line), flush=True)
+"""
+
+
+def _folder_holds(target) -> float:
+    """The v of the save ``target`` holds (asserting that its weights and config come from that one save)."""
+    from safetensors.torch import load_file
+
+    with hadapeft.safety.reading([str(target)]):
+        alpha = json.loads((target / "adapter_config.json").read_text())["lora_alpha"]
+        tensors = load_file(target / "adapter_model.safetensors")
+    values = {float(t.flatten()[0]) for t in tensors.values()} | {float(t.min()) for t in tensors.values()} | \
+        {float(t.max()) for t in tensors.values()}
+    assert len(tensors) == 12 and values == {alpha}, ("weights and config of different saves", alpha, values)
+    return alpha
+
+
+def _lines(proc, out: "queue.Queue"):
+    for line in proc.stdout:
+        out.put(line.split())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsync_delay", [0.0, 0.004], ids=["fast-disk", "slow-disk"])
+def test_concurrent_saves_keep_one_whole_save(tmp_path, fsync_delay):
+    import queue
+    import threading
+
+    target = tmp_path / "shared"
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}")
+    workers, replies = [], queue.Queue()
+    for w in (1, 2):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(w), str(target), str(fsync_delay)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        workers.append(proc)
+        threading.Thread(target=_lines, args=(proc, replies), daemon=True).start()
+    try:
+        assert [replies.get(timeout=300) for _ in workers] == [["READY"], ["READY"]]
+        reads = 0
+        for i in range(50):
+            for proc in workers:
+                proc.stdin.write(f"{i}\n")
+                proc.stdin.flush()
+            done = 0
+            while done < 2:
+                try:
+                    reply = replies.get(timeout=0.001 if target.exists() else 300)
+                except queue.Empty:  # both still saving: a reader meanwhile sees one whole save (or the old one)
+                    if (target / "adapter_config.json").exists():
+                        assert _folder_holds(target) in {1000 * w + j + 1 for w in (1, 2) for j in (i - 1, i)}
+                        reads += 1
+                    continue
+                assert reply == ["DONE", str(i)], reply
+                done += 1
+            assert _folder_holds(target) in {1001 + i, 2001 + i}, f"round {i}: the folder lost both saves"
+            assert not [n for n in os.listdir(target) if n.startswith(".hadapeft")]
+        print("reads during saves:", reads)
+    finally:
+        for proc in workers:
+            proc.kill()
+            proc.wait()
+    loaded = PeftModel.from_pretrained(build_model("llama"), target)
+    v = loaded.peft_config["default"].lora_alpha
+    assert v in {1050, 2050}
+    assert all(bool((p == v).all()) for n, p in loaded.named_parameters() if "gated_lora_" in n)
+
+
+def test_a_stage_of_a_live_saver_is_not_deleted(tmp_path):
+    """Another saver's staging folder (its owner alive, e.g. another thread of this process) is left alone; one
+    whose owner is gone is cleaned up."""
+    import importlib
+
+    atomic_save = importlib.import_module("hadapeft.safety.atomic_save")
+    model = _small_peft()
+    live = tmp_path / f"{atomic_save.STAGE_PREFIX}{os.getpid()}-live"
+    dead = tmp_path / f"{atomic_save.STAGE_PREFIX}{os.getpid()}-dead"
+    live.mkdir()
+    dead.mkdir()
+    owner = atomic_save._Flock(str(live))
+    owner.acquire(exclusive=True)
+    try:
+        model.save_pretrained(tmp_path)
+        assert live.is_dir() and not dead.exists()
+    finally:
+        owner.close()
+
+
+# --- a save verifies what it wrote (class 3) ------------------------------------------------------------------------
+@pytest.mark.parametrize("drop", ["one", "all"])
+def test_a_save_that_writes_too_little_fails_and_keeps_the_old_adapter(tmp_path, monkeypatch, drop):
+    import peft.peft_model
+
+    old = _small_peft(seed=0)
+    old.save_pretrained(tmp_path)
+    before = {n: (tmp_path / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")}
+    real = peft.peft_model.get_peft_model_state_dict
+
+    def mangled(*args, **kwargs):  # what peft's name filters did to an adapter named "layers"
+        state = real(*args, **kwargs)
+        return dict(list(state.items())[1:]) if drop == "one" else {}
+
+    monkeypatch.setattr(peft.peft_model, "get_peft_model_state_dict", mangled)
+    with pytest.raises(AdapterCheckpointError, match=r"saving adapter 'default' is incomplete: .*missing"):
+        _small_peft(seed=1).save_pretrained(tmp_path)
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".hadapeft")]
+
+
+# --- stale files (class 5) --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("first_safe", [True, False])
+def test_a_save_over_the_other_format_loads_what_was_saved(tmp_path, first_safe):
+    """A weights file of the other format left by an earlier save must not be what a load reads (peft reads
+    adapter_model.safetensors first): the folder loads exactly the adapter just saved, sub-adapters too."""
+    inputs = make_inputs("llama")
+    old, new = _small_peft(seed=0), _small_peft(seed=1)
+    for m in (old, new):
+        m.add_adapter("other", make_config("gated_vector", "llama", init_weights=False))
+    old.save_pretrained(tmp_path, safe_serialization=first_safe)
+    new.save_pretrained(tmp_path, safe_serialization=not first_safe)
+    for folder in (tmp_path, tmp_path / "other"):
+        names = sorted(n for n in os.listdir(folder) if n.startswith("adapter_model"))
+        assert names == ["adapter_model.bin" if first_safe else "adapter_model.safetensors"], (folder, names)
+    with hadapeft.allow_pickle_checkpoints():
+        loaded = PeftModel.from_pretrained(build_model("llama"), tmp_path)
+        loaded.load_adapter(tmp_path / "other", "other")
+    assert torch.equal(logits(loaded, inputs), logits(new, inputs))
+    loaded.set_adapter("other")
+    new.set_adapter("other")
+    assert torch.equal(logits(loaded, inputs), logits(new, inputs))
+
+
+# --- loading into an existing adapter name (class 6) ----------------------------------------------------------------
+def test_loading_into_an_existing_name_with_another_config_is_refused(tmp_path):
+    inputs = make_inputs("llama")
+    other = get_peft_model(build_model("llama"), make_config("gated_vector", "llama", init_weights=False,
+                                                              lora_alpha=16))
+    other.save_pretrained(tmp_path / "alpha16")
+    model = _small_peft(seed=0)
+    before = logits(model, inputs)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterCheckpointError, match=r"existing adapter 'default'.*lora_alpha: 8(\.0)? in the model, "
+                                                     r"16(\.0)? in the checkpoint"):
+        model.load_adapter(tmp_path / "alpha16", "default")
+    assert torch.equal(logits(model, inputs), before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert model.peft_config["default"].lora_alpha == 8
+    # the same config: the weights are replaced, and the model computes the saved adapter
+    same = _small_peft(seed=5)
+    same.save_pretrained(tmp_path / "same")
+    model.load_adapter(tmp_path / "same", "default")
+    assert torch.equal(logits(model, inputs), logits(same, inputs))
+
+
+# --- gates stay in [0, 1] on copies (class 9) -------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["deepcopy", "copy", "pickle"])
+def test_gates_stay_in_range_on_a_copy(how):
+    import copy
+    import pickle
+
+    model = _small_peft()
+    twin = {"deepcopy": copy.deepcopy, "copy": lambda m: copy.deepcopy(copy.copy(m)),
+            "pickle": lambda m: pickle.loads(pickle.dumps(m))}[how](model)
+    del model  # the copy must not depend on the original being alive
+    inputs = make_inputs("llama")
+    opt = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=100.0)
+    twin.train()
+    for _ in range(2):
+        twin(**inputs, labels=inputs["input_ids"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    gates = [p for n, p in twin.named_parameters() if "gated_lora_gate" in n]
+    assert gates and all(bool(((g >= 0) & (g <= 1)).all()) for g in gates)

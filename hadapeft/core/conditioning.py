@@ -76,14 +76,16 @@ class Conditioning:
         return (self.task_ids if self.task_ids is not None else self.task_embeds).shape[0]
 
     def per_row(self, t: torch.Tensor, rows: int) -> torch.Tensor:
-        """Expand a per-sample tensor (B, ...) to the ``rows`` input rows of a layer (B, or B·k after generate's
-        beam / num_return_sequences expansion, which is ``repeat_interleave``)."""
+        """Expand a per-sample tensor (B, ...) to the ``rows`` input rows of a layer: B, or B·k inside ``generate``
+        (its beam / num_return_sequences expansion is ``repeat_interleave``). Anywhere else a layer that receives
+        another number of rows gets conditioning meant for another batch: refused."""
         B = self.batch
         if rows == B:
             return t
-        if rows < B or rows % B:
-            raise ConditioningError(f"the conditioning has {B} samples but an adapted layer received {rows}: "
-                                    f"task_ids / task_embeds need one entry per sample of the batch")
+        if rows < B or rows % B or not _GENERATING.get():
+            raise ConditioningError(f"the conditioning has {B} samples but an adapted layer received {rows} rows: "
+                                    f"task_ids / task_embeds need one entry per sample of the batch (only "
+                                    f"generate's own beam / num_return_sequences expansion repeats them)")
         return t.repeat_interleave(rows // B, dim=0)
 
     def task_rows(self, rows: int, device) -> torch.Tensor:
@@ -102,11 +104,13 @@ class Conditioning:
 
 
 _CURRENT: ContextVar[tuple] = ContextVar("hadapeft_conditioning", default=())  # ((state, Conditioning), ...)
+_GENERATING: ContextVar[bool] = ContextVar("hadapeft_generating", default=False)  # inside a model's generate()
 
 
 class ConditioningState:
-    """Per adapted model: its conditioned adapters, which adapters are active, and the conditioning kept for
-    recomputation inside backward. Layers and tuner hold a reference; it is a plain object (not a module)."""
+    """Per adapted model: its conditioned adapters, which adapters are active, the conditioning kept for
+    recomputation inside backward and the tasks merged into the weights. Layers and tuner hold a reference; it is a
+    plain object (not a module)."""
 
     def __init__(self) -> None:
         self.specs: dict[str, ConditioningSpec] = {}
@@ -115,10 +119,39 @@ class ConditioningState:
         # The current conditioning as a plain attribute, for compiled code (which cannot read the ContextVar). Set by
         # every ``conditioning`` block, so it is per model, not per thread, under torch.compile.
         self.traced: Optional[Conditioning] = None
+        self.merged: dict[str, Conditioning] = {}  # conditioned adapter -> the one task merged into its layers
+        self.disabled = False  # adapters disabled (``with model.disable_adapter():``): the base model runs
+        # Whether a conditioned adapter was ever added: then task_ids / task_embeds are ignored while none is active
+        # (disabled, another adapter set, deleted), so code that passes the same batch with and without the adapter
+        # works; a model that never had one refuses them (they could never do anything there).
+        self.ever_conditioned = False
+
+    def add_spec(self, name: str, spec: ConditioningSpec) -> None:
+        self.specs[name] = spec
+        self.ever_conditioned = True
+
+    def snapshot(self):
+        """A function that puts this state back as it is now (``hadapeft.seam.tuner.ModelUndo``)."""
+        saved = dict(self.__dict__)
+        specs, active, merged = dict(self.specs), list(self.active), dict(self.merged)
+
+        def restore():
+            self.__dict__.update(saved)
+            self.specs.clear()
+            self.specs.update(specs)
+            self.active[:] = active
+            self.merged.clear()
+            self.merged.update(merged)
+        return restore
 
     def needed(self, adapters: Optional[list[str]] = None) -> dict[str, ConditioningSpec]:
         names = self.active if adapters is None else adapters
         return {n: self.specs[n] for n in names if n in self.specs}
+
+    def ignores_conditioning(self) -> bool:
+        """True when given task_ids / task_embeds have nothing to condition and are to be ignored (see
+        ``ever_conditioned``)."""
+        return self.ever_conditioned and (self.disabled or not self.needed())
 
     def current(self, name: str) -> Conditioning:
         """The conditioning adapter ``name`` must use now (raises when there is none or it lacks what it needs)."""
@@ -211,6 +244,34 @@ def validate(state: ConditioningState, task_ids=None, task_embeds=None, adapters
     return Conditioning(task_ids, task_embeds)
 
 
+def _same_task(merged: Conditioning, cond: Conditioning) -> bool:
+    """Whether every sample of ``cond`` asks for the one task ``merged`` holds."""
+    if merged.task_ids is not None and cond.task_ids is not None:
+        return bool((cond.task_ids.to(merged.task_ids.device) == merged.task_ids).all())
+    if merged.task_embeds is not None and cond.task_embeds is not None:
+        want = merged.task_embeds.to(cond.task_embeds.device, cond.task_embeds.dtype)
+        return bool((cond.task_embeds == want).all())
+    return False
+
+
+def _describe_task(cond: Conditioning) -> str:
+    if cond.task_ids is not None:
+        return f"task_id={int(cond.task_ids.reshape(-1)[0])}"
+    return "the task_embeds vector given to the merge"
+
+
+def check_merged(state: ConditioningState, cond: Conditioning, adapters=None) -> None:
+    """A merged conditioned adapter computes its one merged task for every sample: conditioning that asks for
+    another one is refused (as peft refuses ``adapter_names`` while merged), not silently ignored."""
+    for name in state.needed(adapters):
+        merged = state.merged.get(name)
+        if merged is not None and not _same_task(merged, cond):
+            got = cond.task_ids.tolist() if cond.task_ids is not None else "task_embeds"
+            raise ConditioningError(f"adapter {name!r} is merged into the weights with {_describe_task(merged)}, "
+                                    f"so it cannot condition per sample (got {got}): call unmerge_adapter() first, "
+                                    f"or pass only that task")
+
+
 def check_batch(cond: Conditioning, batch: Optional[int]) -> None:
     """Refuse conditioning whose batch differs from the model input's (``batch`` None: not known)."""
     if batch is not None and batch != cond.batch:
@@ -228,6 +289,8 @@ def conditioning(model, task_ids=None, task_embeds=None, *, adapters=None, batch
     state = find_state(model)
     cond = validate(state, task_ids, task_embeds, adapters)
     check_batch(cond, batch)
+    if state.merged:
+        check_merged(state, cond, adapters)
     if torch.is_grad_enabled():
         state.last = cond  # for gradient-checkpointing recomputation in backward (module docstring)
     previous, state.traced = state.traced, cond
@@ -265,12 +328,30 @@ def merge_conditioning(tuner, adapter_names, task_id=None, task_embeds=None):
     ids = None
     if task_id is not None:
         if isinstance(task_id, torch.Tensor):
+            if task_id.numel() != 1 or task_id.dtype.is_floating_point or task_id.dtype == torch.bool:
+                raise ConditioningError(f"task_id must be one task, an int (or a one-element integer tensor); got "
+                                        f"a {task_id.dtype} tensor of shape {tuple(task_id.shape)}: a merge folds in "
+                                        f"a single task")
             ids = task_id.reshape(1)
         elif isinstance(task_id, bool) or not isinstance(task_id, int):
             raise ConditioningError(f"task_id must be an int, got {type(task_id).__name__}")
         else:
             ids = torch.tensor([task_id])
-    embeds = None if task_embeds is None else torch.as_tensor(task_embeds).reshape(1, -1)
+    embeds = None
+    if task_embeds is not None:
+        embeds = torch.as_tensor(task_embeds)
+        if embeds.dim() == 2 and embeds.shape[0] == 1:
+            embeds = embeds[0]
+        if embeds.dim() != 1:
+            raise ConditioningError(f"task_embeds for a merge must be one vector, shape (task_embed_dim,) or "
+                                    f"(1, task_embed_dim); got shape {tuple(embeds.shape)}")
+        embeds = embeds.reshape(1, -1)
+    cond = validate(state, ids, embeds, adapters)
+    for name in needed:
+        merged = state.merged.get(name)
+        if merged is not None and not _same_task(merged, cond):
+            raise ConditioningError(f"adapter {name!r} is already merged with {_describe_task(merged)}: call "
+                                    f"unmerge_adapter() before merging another task")
     with torch.no_grad(), conditioning(tuner, ids, embeds, adapters=adapters):
         yield
 
@@ -289,8 +370,21 @@ def input_batch(args, kwargs) -> Optional[int]:
 
 
 def for_call(model, task_ids, task_embeds, args, kwargs):
-    """:func:`conditioning` for one model call ``model(*args, **kwargs)`` (its batch size checked)."""
+    """:func:`conditioning` for one model call ``model(*args, **kwargs)`` (its batch size checked); a no-op when the
+    model has no conditioned adapter active (``ConditioningState.ignores_conditioning``)."""
+    if find_state(model).ignores_conditioning():
+        return contextlib.nullcontext()
     return conditioning(model, task_ids, task_embeds, batch=input_batch(args, kwargs))
+
+
+@contextlib.contextmanager
+def generating():
+    """Inside a model's ``generate``: layers may receive each sample's rows repeated (beams, return sequences)."""
+    token = _GENERATING.set(True)
+    try:
+        yield
+    finally:
+        _GENERATING.reset(token)
 
 
 class ConditionedForward:
@@ -327,16 +421,42 @@ class ConditionedForward:
         return self.cls_forward(self.model, *args, **kwargs)
 
 
+class ConditionedGenerate:
+    """Instance ``generate`` of a model with conditioned hadapeft adapters: the model's own generate, run inside
+    :func:`generating` (so that conditioning given around it, e.g. by ``hadapeft.conditioning``, follows generate's
+    beam expansion). PeftModel's generate reaches it through ``base_model.generate``. A plain object, as
+    :class:`ConditionedForward`."""
+
+    _hadapeft_conditioning = True
+
+    def __init__(self, model, inner=None):
+        self.model = model
+        self.inner = inner
+        self.__signature__ = inspect.signature(inner or model.generate)
+
+    def __call__(self, *args, **kwargs):
+        with generating():
+            return (self.inner or type(self.model).generate.__get__(self.model))(*args, **kwargs)
+
+
+_INSTALLED = {"forward": ConditionedForward, "generate": ConditionedGenerate}
+
+
 def install_conditioned_forward(model) -> None:
-    """Give ``model`` a :class:`ConditionedForward` (idempotent)."""
-    current = model.__dict__.get("forward")
-    if not getattr(current, "_hadapeft_conditioning", False):
-        model.forward = ConditionedForward(model, current)
+    """Give ``model`` a :class:`ConditionedForward` and, if it generates, a :class:`ConditionedGenerate`
+    (idempotent)."""
+    for name, cls in _INSTALLED.items():
+        if name == "generate" and not callable(getattr(type(model), "generate", None)):
+            continue
+        current = model.__dict__.get(name)
+        if not getattr(current, "_hadapeft_conditioning", False):
+            setattr(model, name, cls(model, current))
 
 
 def uninstall_conditioned_forward(model) -> None:
-    current = model.__dict__.get("forward")
-    if getattr(current, "_hadapeft_conditioning", False):
-        del model.forward
-        if current.inner is not None:
-            model.forward = current.inner
+    for name in _INSTALLED:
+        current = model.__dict__.get(name)
+        if getattr(current, "_hadapeft_conditioning", False):
+            delattr(model, name)
+            if current.inner is not None:
+                setattr(model, name, current.inner)

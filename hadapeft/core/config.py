@@ -60,6 +60,12 @@ class HadaConfig(PeftConfig):
 
     # Field names of earlier releases -> today's, so that adapter_config.json files they wrote still load.
     renamed_fields: ClassVar[dict[str, str]] = {}
+    # Fields that set the size of the adapter's tensors: named when they cannot be allocated.
+    size_fields: ClassVar[tuple[str, ...]] = ()
+
+    def sizes(self) -> str:
+        """``"num_tasks=3, hidden_dim=64"``: the set fields of ``size_fields``."""
+        return ", ".join(f"{n}={getattr(self, n)}" for n in self.size_fields if getattr(self, n) is not None)
 
     @classmethod
     def check_kwargs(cls, **kwargs):
@@ -80,6 +86,12 @@ class HadaConfig(PeftConfig):
         self._check_version()
         if self.hadapeft_version is None:
             self.hadapeft_version = __version__
+        self.validate()
+
+    def validate(self) -> None:
+        """Normalize and check every field (raises :class:`HadapeftConfigError` naming the field). Runs when the
+        config is built and again when an adapter is injected from it: a config object can be changed in between
+        (``cfg.r = 0``). Subclasses extend it (calling ``super().validate()`` first)."""
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -136,9 +148,10 @@ class TaskConditionedConfig(HadaConfig):
 
     num_tasks: Optional[int] = help_field(None, NUM_TASKS_HELP)
     task_embed_dim: Optional[int] = help_field(None, TASK_EMBED_DIM_HELP)
+    size_fields = ("num_tasks", "task_embed_dim")
 
-    def __post_init__(self):
-        super().__post_init__()
+    def validate(self):
+        super().validate()
         self._positive("num_tasks", self.num_tasks, allow_none=True)
         self._positive("task_embed_dim", self.task_embed_dim, allow_none=True)
         if (self.num_tasks is None) == (self.task_embed_dim is None):

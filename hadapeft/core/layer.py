@@ -148,6 +148,11 @@ class HadaLayer(nn.Module, SeamTunerLayer):
         if self.conditioning_state is not None:
             self.conditioning_state.active = list(self.active_adapters)
 
+    def enable_adapters(self, enabled: bool) -> None:
+        super().enable_adapters(enabled)
+        if self.conditioning_state is not None:  # disabled adapters ignore task_ids (ConditioningState.disabled)
+            self.conditioning_state.disabled = not enabled
+
     def conditioning(self, name: str):
         """The validated per-sample conditioning adapter ``name`` uses in this forward (or merge)."""
         return self.conditioning_state.current(name)
@@ -341,6 +346,9 @@ class HadaLayer(nn.Module, SeamTunerLayer):
                 base.bias.data = b.to(base.bias.dtype)
             self._merge_stash[name] = record
             self.merged_adapters.append(name)
+            state = self.conditioning_state
+            if state is not None and name in state.specs:  # which task: later conditioning must not ask another
+                state.merged[name] = self.conditioning(name)
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -349,6 +357,8 @@ class HadaLayer(nn.Module, SeamTunerLayer):
         base = self.get_base_layer()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
+            if self.conditioning_state is not None:
+                self.conditioning_state.merged.pop(name, None)
             record = self._merge_stash.pop(name, None)
             if record is None or not self.owns(name):
                 continue

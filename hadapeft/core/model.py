@@ -5,17 +5,49 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
-from ..errors import AdapterCheckpointError, TargetModuleError
+from .. import registry
+from ..errors import AdapterCheckpointError, HadapeftConfigError, TargetModuleError
+from ..safety.load_policy import NONFINITE_ENV, nonfinite_allowed
 from ..seam.hooks import adapter_state_keys
-from ..seam.tuner import SeamTuner, unwrap_adapter
+from ..seam.tuner import ModelUndo, SeamTuner
 from . import frozen
 from .conditioning import STATE_ATTR, ConditioningState, install_conditioned_forward, merge_conditioning, \
     uninstall_conditioned_forward
 from .layer import HadaLayer, SharedModules
+
+
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+NAME_RULE = ("adapter names start with a letter and hold at most 64 letters, digits, '_' and '-', and differ from "
+             "every module, parameter and attribute name of the model and of the adapter layers (peft selects an "
+             "adapter's tensors by its name when saving, and keeps it as a dict key and a folder name)")
+
+
+def check_adapter_name(model: nn.Module, name, layer_cls) -> None:
+    """Refuse an adapter name that peft's state-dict filters, dict containers or save folders would mangle: e.g.
+    ``"layers"`` (a component of every layer's key: saving another adapter would drop all of them), ``"training"``
+    (an attribute of the containers), ``"../x"`` or an absolute path (the folder it is saved to)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise HadapeftConfigError(f"adapter name {name!r} is not allowed: {NAME_RULE}")
+    reserved = {"base_layer", "base_model", "model", "modules_to_save", "original_module",
+                *layer_cls.adapter_layer_names, *layer_cls.other_param_names}
+    if name in reserved or hasattr(layer_cls, name) or hasattr(nn.ParameterDict(), name):
+        raise HadapeftConfigError(f"adapter name {name!r} is not allowed: it is an attribute of the adapter layers; "
+                                  f"{NAME_RULE}")
+    prefix = next((t.model_cls.prefix for t in registry.ADAPTER_TYPES.values()
+                   if name.startswith(t.model_cls.prefix)), None)
+    if prefix:
+        raise HadapeftConfigError(f"adapter name {name!r} is not allowed: it starts with the parameter prefix "
+                                  f"{prefix!r} of an adapter type; {NAME_RULE}")
+    # Before its layers exist, a new adapter's name is a key component only where it clashes with the model.
+    for key in (*(k for k, _ in model.named_modules()), *model.state_dict()):
+        if name in key.split("."):
+            raise HadapeftConfigError(f"adapter name {name!r} is not allowed: the model has a module or parameter "
+                                      f"of that name ({key!r}); {NAME_RULE}")
 
 
 class HadaModel(SeamTuner):
@@ -50,6 +82,16 @@ class HadaModel(SeamTuner):
         return self._modules[name]
 
     def wrap_target(self, config, adapter_name, target, target_name, parent, current_key):
+        try:
+            self._wrap_target(config, adapter_name, target, target_name, parent, current_key)
+        except (RuntimeError, MemoryError) as e:
+            # torch's "DefaultCPUAllocator: can't allocate memory" (or CUDA's out of memory) names bytes, not the field
+            if not isinstance(e, MemoryError) and "alloc" not in str(e) and "out of memory" not in str(e):
+                raise
+            raise HadapeftConfigError(f"cannot allocate adapter {adapter_name!r} ({config.sizes()}) for module "
+                                      f"{current_key!r}: {str(e).strip().splitlines()[0]}") from None
+
+    def _wrap_target(self, config, adapter_name, target, target_name, parent, current_key):
         kwargs = self.layer_kwargs(config, adapter_name, current_key)
         if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, config, **kwargs)
@@ -70,17 +112,35 @@ class HadaModel(SeamTuner):
             new_module.requires_grad_(False)
         self.replace_module(parent, target_name, new_module, target)
 
+    def __init__(self, model, peft_config, adapter_name: str, *args, **kwargs):
+        # peft's BaseTuner writes the new config into a peft_config the model already holds (from an adapter added
+        # before) before it injects anything: check first, and on failure undo exactly what this call did.
+        existing = getattr(model, "peft_config", None) or {}
+        if adapter_name in existing:
+            raise HadapeftConfigError(f"the model already holds an adapter named {adapter_name!r} "
+                                      f"({type(existing[adapter_name]).__name__}): choose another adapter_name")
+        check_adapter_name(model, adapter_name, self.tuner_layer_cls)
+        undo = ModelUndo(model)
+        try:
+            super().__init__(model, peft_config, adapter_name, *args, **kwargs)
+        except Exception:
+            undo.restore()
+            raise
+
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
-        """peft's injection, made all-or-nothing: on any error the model is put back as it was."""
-        n_targeted = len(self.targeted_module_names)
-        spec = self.peft_config[adapter_name].conditioning_spec()
+        """peft's injection, made all-or-nothing: on any error the model (and this tuner) are put back exactly as
+        they were; adapters already there keep their layers, configs and parameters."""
+        config = self.peft_config[adapter_name]
+        check_adapter_name(model, adapter_name, self.tuner_layer_cls)
+        config.validate()  # again: a config object may have been changed after it was built
+        undo = ModelUndo(self)
+        spec = config.conditioning_spec()
         if spec is not None:
-            self.conditioning_state.specs[adapter_name] = spec
+            self.conditioning_state.add_spec(adapter_name, spec)
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         except Exception as e:
-            self._rollback(model, adapter_name)
-            del self.targeted_module_names[n_targeted:]
+            undo.restore()
             if isinstance(e, NoMatchingPeftModuleError):
                 raise TargetModuleError(str(e)) from None
             raise
@@ -88,11 +148,6 @@ class HadaModel(SeamTuner):
             # so that the HF Trainer keeps a task_ids / task_embeds column (it drops what forward does not name)
             install_conditioned_forward(model)
         frozen.guard_4bit_layers(model)
-
-    def _rollback(self, model: nn.Module, adapter_name: str) -> None:
-        unwrap_adapter(model, adapter_name)
-        self._forget_conditioning(adapter_name)
-        self._drop_shared(adapter_name)
 
     def _drop_shared(self, adapter_name: str) -> None:
         if adapter_name in self.shared_modules:
@@ -103,6 +158,7 @@ class HadaModel(SeamTuner):
         if state is None:
             return
         state.specs.pop(adapter_name, None)
+        state.merged.pop(adapter_name, None)
         if not state.specs:
             uninstall_conditioned_forward(self.model)
 
@@ -149,26 +205,43 @@ class HadaModel(SeamTuner):
 
     @classmethod
     def check_checkpoint(cls, model, config, adapter_name, remapped):
-        """The checkpoint holds exactly this adapter's tensors with the shapes the model expects (peft would skip
-        missing ones and torch would fail halfway through the others)."""
+        """The checkpoint holds exactly this adapter's tensors (its layers', shared modules' and modules_to_save's),
+        with the shapes the model expects and finite values. peft would skip missing tensors, let torch fail halfway
+        through the others, and load any other key it holds into the model: a downloaded adapter could replace the
+        frozen base weights (``...q_proj.base_layer.weight``, ``lm_head.weight``)."""
         state = model.state_dict()
         expected = {k: state[k] for k in adapter_state_keys(model, adapter_name)}
+        to_save = f".modules_to_save.{adapter_name}."
+        own = set(expected) | {k for k in state if to_save in k}
         missing = sorted(set(expected) - set(remapped))
-        unexpected = sorted(k for k in remapped if cls.prefix in k and k not in expected)
+        foreign = sorted(k for k in remapped if k not in own)
+        overwrite = [k for k in foreign if k in state]  # weights of the base model (or of other adapters)
+        unmatched = [k for k in foreign if k not in state]
         wrong = [f"{k}: checkpoint {tuple(remapped[k].shape)} vs model {tuple(v.shape)}"
                  for k, v in expected.items() if k in remapped and remapped[k].shape != v.shape]
         bad_dtype = [f"{k}: checkpoint dtype {remapped[k].dtype} where the model holds {v.dtype}"
                      for k, v in expected.items() if k in remapped and v.is_floating_point()
                      and not remapped[k].is_floating_point()]
+        non_finite = [] if nonfinite_allowed() else \
+            sorted(k for k in own & set(remapped) if remapped[k].is_floating_point()
+                   and not bool(torch.isfinite(remapped[k]).all()))
         problems = []
+        if overwrite:
+            problems.append(f"{len(overwrite)} checkpoint tensors are not this adapter's but weights of the model, "
+                            f"which loading would overwrite: {', '.join(overwrite[:3])}"
+                            + (", ..." if len(overwrite) > 3 else ""))
         if bad_dtype:
             problems.append(f"{len(bad_dtype)} tensors are not floating point, e.g. {bad_dtype[0]}")
         if wrong:
             problems.append(f"{len(wrong)} tensors have shapes that do not fit this base model, e.g. {wrong[0]}")
         if missing:
             problems.append(f"{len(missing)} adapter tensors are missing from the checkpoint, e.g. {missing[0]}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} checkpoint tensors match no adapted module, e.g. {unexpected[0]}")
+        if unmatched:
+            problems.append(f"{len(unmatched)} checkpoint tensors match no adapted module, e.g. {unmatched[0]}")
+        if non_finite:
+            problems.append(f"{len(non_finite)} tensors hold NaN or infinite values, e.g. {non_finite[0]} (load "
+                            f"them anyway inside `with hadapeft.allow_nonfinite_checkpoints():` or with "
+                            f"{NONFINITE_ENV}=1)")
         if problems:
             raise AdapterCheckpointError(f"adapter {adapter_name!r} ({config.peft_type}) does not fit the model: "
                                          + "; ".join(problems))

@@ -1,6 +1,7 @@
 """What hadapeft agrees to load: safetensors only (pickle on explicit opt-in), no code named by an adapter config,
 and an interrupted save finished before its folder is read. File-safety policy with no peft in it; ``hadapeft.seam``
-calls :func:`precheck_local_adapter` before peft's loaders touch the model."""
+calls :func:`precheck_local_adapter` (inside :func:`hadapeft.safety.reading` of :func:`save_folders`) before peft's
+loaders touch the model."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import re
 
 from .. import registry
 from ..errors import AdapterCheckpointError
-from .atomic_save import COMMIT_NAME, roll_forward
 
 _ALLOW_PICKLE = contextvars.ContextVar("hadapeft_allow_pickle", default=False)
 PICKLE_ENV = "HADAPEFT_ALLOW_PICKLE"
+_ALLOW_NONFINITE = contextvars.ContextVar("hadapeft_allow_nonfinite", default=False)
+NONFINITE_ENV = "HADAPEFT_ALLOW_NONFINITE"
 # Packages a hadapeft adapter_config.json's auto_mapping may name (AutoPeftModel imports it; peft writes the model
 # class's module, e.g. transformers.models.llama.modeling_llama).
 AUTO_MAPPING_LIBRARIES = frozenset({"transformers"})
@@ -34,7 +36,27 @@ def allow_pickle_checkpoints():
 
 
 def pickle_allowed() -> bool:
-    return _ALLOW_PICKLE.get() or os.environ.get(PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
+    return _ALLOW_PICKLE.get() or _env_flag(PICKLE_ENV)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+@contextlib.contextmanager
+def allow_nonfinite_checkpoints():
+    """Within this block, adapter checkpoints holding NaN or infinite values may be loaded (they are refused
+    otherwise: a NaN scale can give finite but meaningless logits). ``HADAPEFT_ALLOW_NONFINITE=1`` has the same effect
+    process-wide."""
+    token = _ALLOW_NONFINITE.set(True)
+    try:
+        yield
+    finally:
+        _ALLOW_NONFINITE.reset(token)
+
+
+def nonfinite_allowed() -> bool:
+    return _ALLOW_NONFINITE.get() or _env_flag(NONFINITE_ENV)
 
 
 def check_adapter_config(config: dict, where: str, auto: bool = False, trust_remote_code: bool = False) -> None:
@@ -82,18 +104,30 @@ def _read_hadapeft_config(folder: str):
     return config if config.get("peft_type") in registry.ADAPTER_TYPES else None
 
 
+def adapter_folder(model_id, kwargs) -> str:
+    """The local folder peft reads an adapter from."""
+    return os.path.join(os.fspath(model_id), kwargs.get("subfolder") or "")
+
+
+def save_folders(model_id, kwargs) -> list[str]:
+    """The folders a hadapeft save may have written ``model_id`` (+ ``subfolder``) as: the adapter's own folder, and
+    the folder above it (peft saves adapters other than ``default`` into sub-folders named after them)."""
+    if not isinstance(model_id, (str, os.PathLike)) or not os.path.isdir(model_id):
+        return []
+    folder = os.path.normpath(adapter_folder(model_id, kwargs))
+    return [os.path.normpath(os.fspath(model_id)), folder, os.path.dirname(folder)]
+
+
 def precheck_local_adapter(model_id, kwargs, auto: bool = False, trust_remote_code: bool = False) -> None:
-    """Checks run before peft touches the model for a local hadapeft adapter folder: finish an interrupted save,
-    refuse dangerous config fields, refuse a folder without weights (peft would fall back to the Hub and fail with an
-    unrelated message), and refuse pickle weights unless :func:`allow_pickle_checkpoints`."""
+    """Checks run before peft touches the model for a local hadapeft adapter folder (inside
+    :func:`hadapeft.safety.reading`, which finished any interrupted save): refuse dangerous config fields, refuse a
+    folder without weights (peft would fall back to the Hub and fail with an unrelated message), and refuse pickle
+    weights unless :func:`allow_pickle_checkpoints`."""
 
     model_id = os.fspath(model_id) if isinstance(model_id, os.PathLike) else model_id
     if not isinstance(model_id, str) or not os.path.isdir(model_id):
         return
-    folder = os.path.join(model_id, kwargs.get("subfolder") or "")
-    for d in {os.path.normpath(model_id), os.path.normpath(os.path.dirname(os.path.normpath(folder)))}:
-        if os.path.isdir(os.path.join(d, COMMIT_NAME)):
-            roll_forward(d)
+    folder = adapter_folder(model_id, kwargs)
     config = _read_hadapeft_config(folder)
     if config is None:
         return

@@ -81,18 +81,88 @@ class SeamTuner(BaseTuner):
         return remapped
 
 
-def unwrap_adapter(root: nn.Module, adapter_name: str) -> None:
-    """Remove every trace of ``adapter_name`` from the hadapeft layers under ``root`` (layers that held only it are
-    replaced by their base layer)."""
-    layers = [(k, m) for k, m in root.named_modules()
-              if isinstance(m, SeamTunerLayer) and adapter_name in m.adapter_names()]
-    for key, layer in layers:
-        if [a for a in layer.adapter_names() if a != adapter_name]:
-            layer.delete_adapter(adapter_name)
-        else:
-            parent_key, _, child = key.rpartition(".")
-            setattr(root.get_submodule(parent_key) if parent_key else root, child, layer.get_base_layer())
-
-
 def holds_adapter(root: nn.Module, adapter_name: str) -> bool:
     return any(isinstance(m, SeamTunerLayer) and adapter_name in m.adapter_names() for m in root.modules())
+
+
+# Instance attributes that peft (and hadapeft) set on models and tuners while adding an adapter; ``ModelUndo`` puts
+# them back. Attributes named ``_hadapeft...`` (e.g. the conditioning state) are tracked too.
+_TRACKED_ATTRS = ("peft_config", "active_adapter", "targeted_module_names", "forward", "generate", "_active_adapter",
+                  "_disable_adapters")
+
+
+def _tracked(name: str) -> bool:
+    return name in _TRACKED_ATTRS or name.startswith("_hadapeft")
+
+
+def _copy_content(value):
+    return dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else None
+
+
+def _restore_content(value, content) -> None:
+    if isinstance(value, dict):
+        value.clear()
+        value.update(content)
+    elif isinstance(value, list):
+        value[:] = content
+
+
+class ModelUndo:
+    """What an operation that adds an adapter (``get_peft_model``, ``add_adapter``, ``load_adapter``,
+    ``from_pretrained``) may change under ``root``, recorded before it, so that a failure can undo exactly what it did
+    and nothing else — adapters that were there before keep their layers, configs and parameters.
+
+    Recorded: which module sits at each path (a wrapped target comes back, a new container entry goes), the adapters
+    each hadapeft layer holds, every parameter's ``requires_grad``, and the tracked instance attributes of every
+    module (``peft_config`` contents, active adapter, ...). An attribute value with a ``snapshot()`` method (the
+    conditioning state) records itself: ``snapshot()`` returns the function that restores it."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+        self.modules = dict(root.named_modules())
+        self.adapters = {id(m): set(m.adapter_names()) for m in self.modules.values() if isinstance(m, SeamTunerLayer)}
+        self.grad = [(p, p.requires_grad) for p in root.parameters()]
+        self.attrs = {}
+        for path, module in self.modules.items():
+            names = [k for k in module.__dict__ if _tracked(k)]
+            saved = {}
+            for k in names:
+                value = module.__dict__[k]
+                restore = value.snapshot() if hasattr(value, "snapshot") else None
+                saved[k] = (value, _copy_content(value), restore)
+            self.attrs[path] = saved
+
+    def restore(self) -> None:
+        root = self.root
+        # 1. modules back in their places, parents first (a wrapped target replaces its wrapper)
+        for path in sorted(self.modules, key=lambda p: p.count(".") if p else -1):
+            if not path:
+                continue
+            parent_path, _, child = path.rpartition(".")
+            parent = root.get_submodule(parent_path) if parent_path else root
+            old = self.modules[path]
+            if getattr(parent, child, None) is not old:
+                setattr(parent, child, old)
+        # 2. modules added under modules that were there (e.g. a shared hypernetwork of the new adapter) go
+        for path in sorted(set(dict(root.named_modules())) - set(self.modules), key=lambda p: -p.count(".")):
+            parent_path, _, child = path.rpartition(".")
+            if parent_path in self.modules and hasattr(self.modules[parent_path], child):
+                delattr(self.modules[parent_path], child)
+        # 3. adapters added to layers that were there
+        for module in self.modules.values():
+            if isinstance(module, SeamTunerLayer):
+                for name in set(module.adapter_names()) - self.adapters[id(module)]:
+                    module.delete_adapter(name)
+        # 4. trainability and instance attributes
+        for p, flag in self.grad:
+            p.requires_grad_(flag)
+        for path, module in self.modules.items():
+            saved = self.attrs[path]
+            for k in [k for k in module.__dict__ if _tracked(k) and k not in saved]:
+                del module.__dict__[k]
+            for k, (value, content, restore) in saved.items():
+                module.__dict__[k] = value
+                if content is not None:
+                    _restore_content(value, content)
+                if restore is not None:
+                    restore()

@@ -20,8 +20,9 @@ class FiLMConfig(TaskConditionedConfig):
     """
 
     hidden_dim: int = help_field(64, "Hidden width of the per-layer generator used with task_embed_dim.")
+    size_fields = ("num_tasks", "task_embed_dim", "hidden_dim")
     renamed_fields = {"generator_hidden": "hidden_dim"}  # hadapeft <= 0.1.0
 
-    def __post_init__(self):
-        super().__post_init__()
+    def validate(self):
+        super().validate()
         self._positive("hidden_dim", self.hidden_dim)

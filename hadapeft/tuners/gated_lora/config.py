@@ -32,11 +32,11 @@ class GatedLoraConfig(HadaConfig):
     gate_grad: str = help_field(
         "recompute", "How backward gets h − l for the gate's gradient: 'recompute' (W x is computed again in backward: "
                      "one more GEMM per layer, and the layer keeps the activations peft's LoRA keeps) or 'save' (kept "
-                     "from the forward: that GEMM faster, N × d_out more activation memory per layer). On CPU the "
-                     "'save' path also costs less host time per layer (native ops, no Python autograd Function).")
+                     "from the forward: that GEMM faster, N × d_out more activation memory per layer).")
+    size_fields = ("r",)
 
-    def __post_init__(self):
-        super().__post_init__()
+    def validate(self):
+        super().validate()
         self._positive("r", self.r)
         if not _is_number(self.lora_alpha) or not (0 < self.lora_alpha < math.inf):
             raise HadapeftConfigError(f"lora_alpha must be a positive number (finite), got {self.lora_alpha!r}")

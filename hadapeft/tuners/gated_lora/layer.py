@@ -34,6 +34,12 @@ def _install_gate_projection() -> None:
         _HOOK = register_optimizer_step_post_hook(_project_gates_after_step)
 
 
+def _track(layer) -> None:
+    """Have ``layer``'s gates projected into [0, 1] after each optimizer step."""
+    _LAYERS.add(layer)
+    _install_gate_projection()
+
+
 class GatedLoraLinear(HadaLayer):
     """``y = γ ∘ (W x + b) + (1 − γ) ∘ (s · B A dropout(x))``, γ = clamp(g, 0, 1) (straight-through gradient,
     projected back into [0, 1] after each optimizer step)."""
@@ -64,11 +70,15 @@ class GatedLoraLinear(HadaLayer):
         self.gated_lora_A[name] = nn.Parameter(A)
         self.gated_lora_B[name] = nn.Parameter(B)
         self.gated_lora_gate[name] = nn.Parameter(g)
-        _LAYERS.add(self)  # its gates are projected into [0, 1] after each optimizer step
-        _install_gate_projection()
+        _track(self)
         self.scaling[name] = config.lora_alpha / r
         self.gate_recompute[name] = config.gate_grad == "recompute"
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+
+    def __setstate__(self, state):
+        # copy.deepcopy, copy.copy and unpickling build a layer without __init__: track the copy too.
+        super().__setstate__(state)
+        _track(self)
 
     def gate(self, name: str) -> torch.Tensor:
         """γ in [0, 1] (shape (d_out,) or (1,))."""

@@ -23,9 +23,10 @@ class HadaIA3Config(HadaConfig):
         None, "Fused [q; k; v] projections (GPT-2 'c_attn', timm 'qkv') of which only the k and v thirds are scaled.")
 
     num_tasks: Optional[int] = help_field(None, NUM_TASKS_HELP + " None: one vector shared by all samples.")
+    size_fields = ("num_tasks",)
 
-    def __post_init__(self):
-        super().__post_init__()
+    def validate(self):
+        super().validate()
         self._positive("num_tasks", self.num_tasks, allow_none=True)
         if isinstance(self.feedforward_modules, list):
             self.feedforward_modules = set(self.feedforward_modules)

@@ -26,9 +26,10 @@ class HyperModConfig(TaskConditionedConfig):
     embed_dim: int = help_field(32, "Width of the task, layer and module-kind embeddings fed to the hypernetwork.")
     hidden_dim: int = help_field(64, "Width of the hypernetwork's MLP (the input of the per-kind heads).")
 
+    size_fields = ("r", "num_tasks", "task_embed_dim", "embed_dim", "hidden_dim")
     renamed_fields = {"rank": "r"}  # hadapeft <= 0.1.0
 
-    def __post_init__(self):
-        super().__post_init__()
+    def validate(self):
+        super().validate()
         for name in ("r", "embed_dim", "hidden_dim"):
             self._positive(name, getattr(self, name))

@@ -38,7 +38,12 @@ class HyperModModel(HadaModel):
             indices = [layer_index(k) for k, _ in self.model.named_modules() if k and self.targets(config, k)]
             num_layers = 1 + max((i for i in indices if i is not None), default=-1)
             device = next((p.device for p in self.model.parameters()), None)
-            self.shared_modules[adapter_name] = HyperNet(config, num_layers).to(device)
+            net = HyperNet(config, num_layers)
+            # Under peft's low_cpu_mem_usage the net is created on the meta device and its tensors arrive with the
+            # checkpoint (load_state_dict(assign=True)): there is nothing to move yet.
+            if not next(net.parameters()).is_meta:
+                net = net.to(device)
+            self.shared_modules[adapter_name] = net
         return self.shared_modules[adapter_name]
 
     def layer_kwargs(self, config, adapter_name, key):
