@@ -30,6 +30,15 @@ BANK = torch.randn(3, EMB, generator=torch.Generator().manual_seed(5))  # a fixe
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one thread is 2-5x faster than two when other processes share the cores (measured, 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- data: three tasks over the same prompts --------------------------------------------------------------------
 def char_tokenizer() -> tf.PreTrainedTokenizerFast:
     """One token per character (the tiny Llama has a vocabulary of 96)."""
@@ -202,6 +211,7 @@ def test_trained_adapters_reload_in_a_fresh_process(sft_runs, cls_runs, tmp_path
         import torch, hadapeft
         from peft import PeftModel
         from conftest import build_model
+        torch.set_num_threads(1)
         for name, family, adapter, expected in {table!r}:
             exp = torch.load(expected)
             model = PeftModel.from_pretrained(build_model(family), adapter).eval()
@@ -212,6 +222,33 @@ def test_trained_adapters_reload_in_a_fresh_process(sft_runs, cls_runs, tmp_path
         print("ALL OK")
     """)
     assert "ALL OK" in out
+
+
+def test_generate_based_evaluation_gets_the_task_ids(tmp_path):
+    """``Seq2SeqTrainer(predict_with_generate=True)`` generates each eval sample under its own task (the column is
+    kept and goes into ``generate``)."""
+    torch.manual_seed(0)
+    base = tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                                     num_heads=4, decoder_start_token_id=0, pad_token_id=0,
+                                                     eos_token_id=1))
+    model = get_peft_model(base, hadapeft.FiLMConfig(num_tasks=3, task_type="SEQ_2_SEQ_LM", init_weights=False))
+    ids = torch.randint(2, VOCAB, (6, 7), generator=torch.Generator().manual_seed(4))
+    tasks = [0, 1, 2, 0, 1, 2]
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
+                                       "labels": ids[:, :4].tolist(), "task_ids": tasks})
+    args = tf.Seq2SeqTrainingArguments(output_dir=str(tmp_path), predict_with_generate=True, generation_max_length=6,
+                                       per_device_eval_batch_size=6, use_cpu=True, disable_tqdm=True)
+    predictions = tf.Seq2SeqTrainer(model=model, args=args).predict(data).predictions
+    model.eval()
+    differs = 0
+    for i, task in enumerate(tasks):
+        def generate(t):
+            with torch.no_grad():
+                return model.generate(input_ids=ids[i:i + 1], task_ids=torch.tensor([t]), max_length=6)[0]
+        expected = generate(task)
+        assert predictions[i, :len(expected)].tolist() == expected.tolist(), i
+        differs += not torch.equal(generate((task + 1) % 3), expected)
+    assert differs, "the generations do not depend on the task"
 
 
 # --- (3) the conditioning reaches the model in TRL -----------------------------------------------------------------
@@ -227,10 +264,10 @@ def test_conditioning_reaches_the_model_in_sft_trainer(option, column, tmp_path)
     model = get_peft_model(build_model("llama"), config)  # a PeftModel in: its columns are read from the model
     trainer = hadapeft.SFTTrainer(model, args=sft_args(tmp_path), train_dataset=sft_rows(6, column=column),
                                   processing_class=char_tokenizer())
-    examples = [trainer.train_dataset[i] for i in range(6)]  # tokenized by TRL; tasks 0, 1, 2, 0, 1, 2
+    mixed = next(iter(trainer.get_train_dataloader()))  # the first training batch: tasks 0, 1, 2, 0, 1, 2
+    examples = [trainer.train_dataset[i] for i in range(6)]  # the same rows, tokenized by TRL
     collate = trainer.data_collator
-    mixed = collate(examples)
-    assert column in mixed
+    assert torch.equal(mixed["input_ids"], collate(examples)["input_ids"])
     model.eval()
     losses = sample_losses(model, mixed)
     separate = torch.empty(6)
