@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import trl
 
-from .seam.trainer import SeamSFTTrainer
+from .seam.trainer import SeamSFTTrainer, check_trl_version
 from .trainer import ConditionedTrainerMixin
+
+check_trl_version(trl.__version__)
 
 
 class SFTTrainer(ConditionedTrainerMixin, SeamSFTTrainer, trl.SFTTrainer):

@@ -16,7 +16,7 @@ from hadapeft import registry
 from hadapeft.seam import hooks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LIBRARIES = ("peft", "transformers", "torch")
+LIBRARIES = ("peft", "transformers", "trl", "torch")  # torch last: recipes/scripts/examples may use its privates
 # Modules of peft whose contents are internal (no underscore, but not peft's public API).
 INTERNAL_MODULES = ("peft.mapping", "peft.utils.integrations", "peft.utils.peft_types", "peft.auto")
 
@@ -49,8 +49,8 @@ def _chain(node) -> list[str]:
 
 
 def private_uses(path: pathlib.Path, torch_too: bool) -> list[str]:
-    """Where ``path`` imports or touches a private name of peft / transformers (and torch, if ``torch_too``)."""
-    libraries = LIBRARIES if torch_too else LIBRARIES[:2]
+    """Where ``path`` imports or touches a private name of peft / transformers / trl (and torch, if ``torch_too``)."""
+    libraries = LIBRARIES if torch_too else LIBRARIES[:-1]
     members = _private_members()
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):

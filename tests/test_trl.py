@@ -347,6 +347,14 @@ def test_flash_attention_with_padding_free_conditioning_is_refused(tmp_path, mon
                             peft_config=hadapeft.FiLMConfig(num_tasks=3))
 
 
+def test_an_untested_trl_version_warns():
+    from hadapeft.seam.trainer import SUPPORTED_TRL, check_trl_version
+
+    with pytest.warns(UserWarning, match="tested with trl"):
+        check_trl_version(str(SUPPORTED_TRL[1]))
+    check_trl_version(trl.__version__)  # the installed one is tested (the test extra pins it): no warning
+
+
 # --- DPO: a chosen / rejected pair shares its task ----------------------------------------------------------------
 def test_dpo_trainer_gives_chosen_and_rejected_their_task(tmp_path):
     rows = sft_rows(12)

@@ -7,7 +7,22 @@ the trainer class in the bases: it calls ``super()``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
+
+from packaging.version import Version
+
+# TRL versions the overrides below were checked against: lowest (inclusive), first untested minor (exclusive). Keep in
+# sync with pyproject.toml's test extra.
+SUPPORTED_TRL = (Version("1.16.0"), Version("1.17.0"))
+
+
+def check_trl_version(version: str) -> None:
+    """Warn (not raise: TRL's private methods change less often than its minor version) outside the tested range."""
+    low, high = SUPPORTED_TRL
+    if not low <= Version(version) < high:
+        warnings.warn(f"hadapeft's TRL trainers were tested with trl >={low},<{high}, but trl {version} is installed: "
+                      f"if a task column does not reach the model, install a tested version", stacklevel=3)
 
 
 class SeamTrainer:
