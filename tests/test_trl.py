@@ -97,45 +97,53 @@ def assert_mixed_batches(trainer, column):
         assert sorted(set(tasks.tolist())) == [0, 1, 2], tasks
 
 
+def train_and_record(trainer, family: str, inputs: dict, eval_dataset=None) -> dict:
+    """Eval loss before and after ``trainer.train()``, the saved adapter, and the trained model's logits on
+    ``inputs`` (for the fresh-process reload)."""
+    before = trainer.evaluate(eval_dataset)["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate(eval_dataset)["eval_loss"]
+    trainer.save_model()
+    with torch.no_grad():
+        logits = trainer.model.eval()(**inputs).logits
+    return dict(before=before, after=after, adapter=trainer.args.output_dir, family=family, inputs=inputs,
+                logits=logits)
+
+
 # --- (1) SFTTrainer: each adapter type trains; loss falls; reloads in a fresh process ---------------------------
-SFT_CASES = {  # name: (config class, its options, trainer class, learning rate)
-    "gated_lora": (hadapeft.GatedLoraConfig, dict(r=4, lora_alpha=8), "trl", 5e-2),
-    "film": (hadapeft.FiLMConfig, dict(num_tasks=3), "hadapeft", 5e-2),
-    "hypermod": (hadapeft.HyperModConfig, dict(num_tasks=3), "hadapeft", 5e-2),
-    "ia3_tasks": (hadapeft.HadaIA3Config, dict(num_tasks=3, feedforward_modules=["down_proj"]), "hadapeft", 0.5),
+SFT_CASES = {  # name: (config class, its options, learning rate)
+    "gated_lora": (hadapeft.GatedLoraConfig, dict(r=4, lora_alpha=8), 5e-2),
+    "film": (hadapeft.FiLMConfig, dict(num_tasks=3), 5e-2),
+    "hypermod": (hadapeft.HyperModConfig, dict(num_tasks=3), 5e-2),
+    "ia3_tasks": (hadapeft.HadaIA3Config, dict(num_tasks=3, feedforward_modules=["down_proj"]), 0.5),
 }
 
 
 def sft_config(name, **overrides):
-    cls, options, _, _ = SFT_CASES[name]
+    cls, options, _ = SFT_CASES[name]
     return cls(**{"target_modules": TARGETS, **options, **overrides})
 
 
 @pytest.fixture(scope="module")
 def sft_runs(tmp_path_factory):
     """Train each case for 10 steps (batches of 6 mixing the three tasks); eval loss before and after on held-out
-    rows (the eval batches carry the task column too); the saved adapter and its logits on a mixed batch."""
+    rows (the eval batches carry the task column too); the saved adapter and its logits on a mixed batch. The data
+    has a task column for Gated LoRA too: unconditioned, it must be dropped as TRL drops it."""
     runs = {}
     tok = char_tokenizer()
     probe = tok(["abc:abc</s>", "abc:cba</s>", "abc:bcd</s>"], return_tensors="pt")
-    for name, (_, _, which, lr) in SFT_CASES.items():
+    for name, (_, _, lr) in SFT_CASES.items():
         out = tmp_path_factory.mktemp(name)
-        trainer_cls = trl.SFTTrainer if which == "trl" else hadapeft.SFTTrainer
-        trainer = trainer_cls(build_model("llama"), args=sft_args(out, learning_rate=lr), train_dataset=sft_rows(30),
-                              processing_class=tok, peft_config=sft_config(name))
-        if which == "hadapeft":
+        trainer = hadapeft.SFTTrainer(build_model("llama"), args=sft_args(out, learning_rate=lr),
+                                      train_dataset=sft_rows(30), processing_class=tok, peft_config=sft_config(name))
+        assert isinstance(trainer, trl.SFTTrainer)
+        conditioned = name != "gated_lora"
+        if conditioned:
             assert_mixed_batches(trainer, "task_ids")
-        held_out = sft_rows(24, seed=1)
-        before = trainer.evaluate(held_out)["eval_loss"]
-        trainer.train()
-        after = trainer.evaluate(held_out)["eval_loss"]
-        trainer.save_model()
-        model = trainer.model.eval()
-        inputs = {**probe, **(cond_kwargs("task_ids", [0, 1, 2]) if which == "hadapeft" else {})}
-        with torch.no_grad():
-            logits = model(**inputs).logits
-        runs[name] = dict(before=before, after=after, adapter=str(out), family="llama", inputs=inputs,
-                          logits=logits)
+        else:
+            assert "task_ids" not in next(iter(trainer.get_train_dataloader()))
+        inputs = {**probe, **(cond_kwargs("task_ids", [0, 1, 2]) if conditioned else {})}
+        runs[name] = train_and_record(trainer, "llama", inputs, eval_dataset=sft_rows(24, seed=1))
     return runs
 
 
@@ -181,16 +189,9 @@ def cls_runs(tmp_path_factory):
         trainer = tf.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)  # plain Trainer
         if column is not None:
             assert_mixed_batches(trainer, column)
-        before = trainer.evaluate()["eval_loss"]
-        trainer.train()
-        after = trainer.evaluate()["eval_loss"]
-        trainer.save_model()
-        inputs = trainer.data_collator([data[i] for i in range(6)])
+        inputs = dict(trainer.data_collator([data[i] for i in range(6)]))
         inputs.pop("labels")
-        with torch.no_grad():
-            logits = model.eval()(**inputs).logits
-        runs[name] = dict(before=before, after=after, adapter=str(out), family="bert", inputs=dict(inputs),
-                          logits=logits)
+        runs[name] = train_and_record(trainer, "bert", inputs)
     return runs
 
 
