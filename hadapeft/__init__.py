@@ -47,5 +47,6 @@ def __getattr__(name):
 __all__ = [
     *(t.config_cls.__name__ for t in registry.ADAPTER_TYPES.values()),
     "conditioning", "use_backend", "__version__", "allow_pickle_checkpoints",
-    "HadapeftConfigError", "TargetModuleError", "AdapterCheckpointError", "ConditioningError", *_LAZY,
+    "HadapeftConfigError", "TargetModuleError", "AdapterCheckpointError", "ConditioningError",
+    *(name for name, module in _LAZY.items() if module != "trl"),  # `import *` must work without TRL installed
 ]

@@ -62,6 +62,7 @@ class ConditioningCollator:
     conditioning. It is switched to padded rows with ``position_ids`` that restart at each packed sequence and no
     ``attention_mask``: from those, transformers' sdpa / eager / flex attention masks the sequences of a row apart,
     as padding-free training does (flash attention needs the flattened row: ``ConditionedTrainerMixin`` refuses it).
+    TRL's ``num_tokens`` metric then counts one row per batch (it reads the length of ``position_ids``).
     """
 
     collator: Callable
@@ -84,7 +85,7 @@ class ConditioningCollator:
         values = {c: torch.tensor([ex[c] for ex in examples], dtype=_DTYPES[c]) for c in columns}
         batch = self.collator([{k: v for k, v in ex.items() if k not in CONDITIONING_KWARGS} for ex in examples])
         if self.padded_packed_rows:
-            del batch["attention_mask"]  # with it, attention would cross the sequences packed into a row
+            batch.pop("attention_mask", None)  # with it, attention would cross the sequences packed into a row
         for column, value in values.items():
             batch[column] = torch.cat([value, value]) if self.pairs else value
         return batch
