@@ -27,8 +27,26 @@ tuners.import_all()
 _peft_model.install(for_call)
 globals().update({t.config_cls.__name__: t.config_cls for t in registry.ADAPTER_TYPES.values()})
 
+# Trainer integrations, imported when first used (name -> module of hadapeft).
+_LAZY = {"SFTTrainer": "trl", "DPOTrainer": "trl", "ConditionedTrainerMixin": "trainer",
+         "ConditioningCollator": "trainer"}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'hadapeft' has no attribute {name!r}")
+    import importlib
+
+    try:
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(f"hadapeft.{name} needs {e.name}: pip install trl datasets") from e
+    return getattr(module, name)
+
+
 __all__ = [
     *(t.config_cls.__name__ for t in registry.ADAPTER_TYPES.values()),
     "conditioning", "use_backend", "__version__", "allow_pickle_checkpoints", "allow_nonfinite_checkpoints",
     "HadapeftConfigError", "TargetModuleError", "AdapterCheckpointError", "ConditioningError",
+    *(name for name, module in _LAZY.items() if module != "trl"),  # `import *` must work without TRL installed
 ]

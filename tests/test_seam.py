@@ -16,7 +16,7 @@ from hadapeft import registry
 from hadapeft.seam import hooks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LIBRARIES = ("peft", "transformers", "bitsandbytes", "torch")  # torch last: see private_uses
+LIBRARIES = ("peft", "transformers", "bitsandbytes", "trl", "torch")  # torch last: scripts may use its privates
 # Modules of peft whose contents are internal (no underscore, but not peft's public API).
 INTERNAL_MODULES = ("peft.mapping", "peft.utils.integrations", "peft.utils.peft_types", "peft.auto")
 
@@ -50,7 +50,7 @@ def _chain(node) -> list[str]:
 
 
 def private_uses(path: pathlib.Path, torch_too: bool) -> list[str]:
-    """Where ``path`` imports or touches a private name of peft / transformers / bitsandbytes (and torch, if
+    """Where ``path`` imports or touches a private name of peft / transformers / bitsandbytes / trl (and torch, if
     ``torch_too``)."""
     libraries = LIBRARIES if torch_too else LIBRARIES[:-1]
     members = _private_members()

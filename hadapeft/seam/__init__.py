@@ -1,4 +1,4 @@
-"""The one seam between hadapeft and the private internals of peft, transformers and torch.
+"""The one seam between hadapeft and the private internals of peft, transformers, TRL and torch.
 
 Only the modules of this package import or override private names of those libraries (``tests/test_seam.py``
 greps the rest of the project); each such name is listed, with the reason, in :data:`hooks.PRIVATE_HOOKS`.
@@ -8,6 +8,8 @@ greps the rest of the project); each such name is listed, with the reason, in :d
 * ``peft_model`` — all-or-nothing loading, crash-consistent saving and ``task_ids`` / ``task_embeds`` on
   ``PeftModel`` and its task classes;
 * ``bnb`` — bitsandbytes 4-bit weights in either of its CPU layouts (repacked for AVX512-BF16 or not);
+* ``trainer`` — transformers' ``Trainer`` / TRL's trainers: the columns they keep, TRL's dataset preparation (for
+  ``hadapeft.trainer`` and ``hadapeft.trl``; tested with TRL 1.16.x, ``SUPPORTED_TRL``, a warning outside it);
 * ``hooks`` — the inventory, and accessors for the few private functions used elsewhere.
 
 Tested with peft 0.21.x (``SUPPORTED_PEFT``); outside that range ``import hadapeft`` raises, because the enum surgery

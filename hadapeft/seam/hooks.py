@@ -19,7 +19,7 @@ class Hook:
     module: str  # importable module
     name: str  # attribute path inside it ("BaseTuner._create_and_replace")
     why: str
-    optional: bool = False  # in an optional dependency (bitsandbytes): not missing when that is not installed
+    optional: bool = False  # in an optional dependency (bitsandbytes, trl): not missing when that is not installed
 
     def resolve(self):
         obj = importlib.import_module(self.module)
@@ -67,6 +67,15 @@ PRIVATE_HOOKS: tuple[Hook, ...] = (
     # --- torch ---
     Hook("torch._C", "_current_graph_task_id", "tell a gradient-checkpointing recompute (inside backward)"),
     Hook("torch", "_assert_async", "range-check task ids on the device, without a host sync"),
+    # --- trainers (seam/trainer.py): dataset columns and TRL's dataset preparation ---
+    Hook("transformers", "Trainer._set_signature_columns_if_needed", "keep the task_ids / task_embeds columns "
+         "(it fills the instance attribute _signature_columns)"),
+    Hook("transformers", "PreTrainedConfig._attn_implementation", "padded rows of packed sequences need an "
+         "attention that masks documents apart by position ids (not flash attention)"),
+    Hook("trl", "SFTTrainer._set_signature_columns_if_needed", "TRL keeps a fixed column list", optional=True),
+    Hook("trl", "SFTTrainer._prepare_dataset", "pack each task apart (TRL's packing drops every other column)",
+         optional=True),
+    Hook("trl", "DPOTrainer._set_signature_columns_if_needed", "TRL keeps a fixed column list", optional=True),
 )
 
 
@@ -102,6 +111,11 @@ def dequantize_bnb_weight(weight, state=None):
     from peft.utils.integrations import dequantize_bnb_weight as dequantize
 
     return dequantize(weight, state=state)
+
+
+def attn_implementation(model) -> str:
+    """The attention a transformers model runs: "sdpa", "eager", "flash_attention_2", ... ("" if not set)."""
+    return str(getattr(model.config, "_attn_implementation", None) or "")
 
 
 def peft_config_class(peft_type):

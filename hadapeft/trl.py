@@ -1,0 +1,39 @@
+"""TRL's ``SFTTrainer`` and ``DPOTrainer`` for conditioned adapters: drop-in subclasses that carry a dataset's
+``task_ids`` / ``task_embeds`` column to the model (see :mod:`hadapeft.trainer` for what TRL alone does with it)::
+
+    trainer = hadapeft.SFTTrainer(model, args=SFTConfig(...), train_dataset=ds_with_task_ids_column,
+                                  peft_config=hadapeft.FiLMConfig(num_tasks=3))
+
+Everything else is TRL's: formatting, chat templates, completion-only and assistant-only loss, truncation, packing,
+the loop, checkpoints, logging. With an unconditioned adapter (or none) they behave exactly as TRL's classes.
+
+Packing: a row has one conditioning, so the examples of each task are packed apart (every packed row holds one task;
+its task column is put back after packing) — see :meth:`ConditionedTrainerMixin.pack_per_task`. TRL's 'bfd' packing
+is padding-free (a batch flattened into one row); with conditioned adapters its rows are padded instead, with
+position ids that keep the packed sequences apart (see :class:`hadapeft.trainer.ConditioningCollator`).
+"""
+
+from __future__ import annotations
+
+import trl
+
+from .seam.trainer import SeamSFTTrainer, check_trl_version
+from .trainer import ConditionedTrainerMixin
+
+check_trl_version(trl.__version__)
+
+
+class SFTTrainer(ConditionedTrainerMixin, SeamSFTTrainer, trl.SFTTrainer):
+    """``trl.SFTTrainer`` whose conditioned adapters get each example's ``task_ids`` / ``task_embeds`` column."""
+
+    def prepare_dataset(self, dataset, packing, prepare):
+        if not packing:
+            return prepare(dataset, False)  # TRL's tokenization keeps the task column as is
+        return self.pack_per_task(dataset, lambda part: prepare(part, True))
+
+
+class DPOTrainer(ConditionedTrainerMixin, trl.DPOTrainer):
+    """``trl.DPOTrainer`` whose conditioned adapters get each example's ``task_ids`` / ``task_embeds`` column; the
+    chosen and rejected completions of an example share its task (policy and reference forward alike)."""
+
+    pairs = True  # TRL's preference collator stacks all chosen rows, then all rejected rows
