@@ -84,6 +84,21 @@ def test_table_plot_and_json_are_written(ci_run):
     assert "differ from the protocol" not in md.split("## vision", 1)[1]
 
 
+def test_the_comparison_has_a_proportionate_timeout(request):
+    """Every test that can be the first to build ``ci_run`` runs under ``CI_RUN_TIMEOUT_S``, well above the
+    suite-wide limit (which a loaded machine's fixture exceeded) and inside CI's 90 minutes."""
+    import inspect
+
+    users = [f for name, f in globals().items() if name.startswith("test_") and callable(f)
+             and "ci_run" in inspect.signature(f).parameters]
+    assert len(users) >= 2
+    suite_limit = float(request.config.getini("timeout"))
+    for f in users:
+        limits = [m.args[0] for m in getattr(f, "pytestmark", []) if m.name == "timeout"]
+        assert limits == [CI_RUN_TIMEOUT_S], f.__name__
+    assert 2 * suite_limit <= CI_RUN_TIMEOUT_S <= 60 * 60
+
+
 def test_heads_start_from_the_linear_probe(tmp_path):
     """Before any step, the model built for a run scores what the logistic regression scores, task by task:
     multi-class and binary heads (sklearn keeps one logit for two classes) land in the right rows of the shared

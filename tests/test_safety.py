@@ -354,7 +354,8 @@ def test_concurrent_saves_keep_one_whole_save(tmp_path, fsync_delay):
     workers, replies = [], queue.Queue()
     for w in (1, 2):
         proc = subprocess.Popen([sys.executable, "-c", SAVER, str(w), str(target), str(fsync_delay)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                stderr=open(tmp_path / f"saver{w}.err", "w"))
         workers.append(proc)
         threading.Thread(target=_lines, args=(proc, replies), daemon=True).start()
     try:
@@ -366,6 +367,8 @@ def test_concurrent_saves_keep_one_whole_save(tmp_path, fsync_delay):
                 proc.stdin.flush()
             done = 0
             while done < 2:
+                assert all(proc.poll() is None for proc in workers), \
+                    "a saver died: " + "".join((tmp_path / f"saver{w}.err").read_text()[-2000:] for w in (1, 2))
                 try:
                     reply = replies.get(timeout=0.001 if target.exists() else 300)
                 except queue.Empty:  # both still saving: a reader meanwhile sees one whole save (or the old one)

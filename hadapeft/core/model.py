@@ -43,8 +43,10 @@ def check_adapter_name(model: nn.Module, name, layer_cls) -> None:
     if prefix:
         raise HadapeftConfigError(f"adapter name {name!r} is not allowed: it starts with the parameter prefix "
                                   f"{prefix!r} of an adapter type; {NAME_RULE}")
-    # Before its layers exist, a new adapter's name is a key component only where it clashes with the model.
-    for key in (*(k for k, _ in model.named_modules()), *model.state_dict()):
+    # Before its layers exist, a new adapter's name is a key component only where it clashes with the model. (Names,
+    # not model.state_dict(): that would run bitsandbytes' state-dict code on layers not yet guarded, see seam/bnb.py.)
+    names = (*model.named_modules(), *model.named_parameters(), *model.named_buffers())
+    for key in (k for k, _ in names):
         if name in key.split("."):
             raise HadapeftConfigError(f"adapter name {name!r} is not allowed: the model has a module or parameter "
                                       f"of that name ({key!r}); {NAME_RULE}")

@@ -2,7 +2,7 @@
 concurrent savers (processes or threads) each save lands whole or is replaced whole by a later one.
 
 File-safety code with no peft in it; ``hadapeft.seam`` routes ``PeftModel.save_pretrained`` of hadapeft adapters
-through :func:`atomic_save`, and loads through :func:`reading` (which first runs :func:`recover_interrupted_save`).
+through :func:`atomic_save`, and loads through :func:`reading` (which first finishes an interrupted save).
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ def _roll_forward(save_directory: str) -> bool:
 def _remove_abandoned_stages(save_directory: str) -> None:
     """Delete staging folders whose saver is gone. A saver holds an exclusive lock on its staging folder until it has
     committed it, so a folder whose lock can be taken is abandoned (no pid check: pids are reused, and threads of
-    one process share one)."""
+    one process share one). The caller holds the folder's exclusive lock, under which savers also create their
+    staging folder and lock it: no folder is seen between its creation and its locking."""
     for name in os.listdir(save_directory):
         if not name.startswith(STAGE_PREFIX):
             continue
@@ -166,10 +167,9 @@ def recover_interrupted_save(save_directory: str) -> None:
     (roll forward) and delete staging folders of savers that are gone. Called before each save and each load."""
     if not os.path.isdir(save_directory):
         return
-    if os.path.isdir(os.path.join(save_directory, COMMIT_NAME)):
-        with _locked(save_directory, exclusive=True):
-            _roll_forward(save_directory)
-    _remove_abandoned_stages(save_directory)
+    with _locked(save_directory, exclusive=True):
+        _roll_forward(save_directory)
+        _remove_abandoned_stages(save_directory)
 
 
 @contextlib.contextmanager
@@ -208,10 +208,10 @@ def atomic_save(save_directory, write: Callable[[str], None]) -> None:
        pick instead, is removed first), then the commit folder is removed. Only the files peft writes are replaced:
        other files the user keeps in ``save_directory`` or the adapter sub-folders stay.
 
-    A crash during *apply* leaves ``.hadapeft-commit`` behind; :func:`recover_interrupted_save` finishes the moves,
-    and it runs at the start of every save and (through :func:`reading`) before every ``PeftModel.from_pretrained``
-    / ``load_adapter`` / ``AutoPeftModel*.from_pretrained`` of a local folder, so those always see the complete new
-    adapter; they also hold a shared lock while they read. (A reader that bypasses hadapeft, e.g. a bare
+    A crash during *apply* leaves ``.hadapeft-commit`` behind; the moves are finished at the start of every save and
+    (by :func:`reading`) before every ``PeftModel.from_pretrained`` / ``load_adapter`` /
+    ``AutoPeftModel*.from_pretrained`` of a local folder, so those always see the complete new adapter; they also
+    hold a shared lock while they read. (A reader that bypasses hadapeft, e.g. a bare
     ``transformers`` ``load_adapter``, may see a save half applied.) The locks are ``flock`` locks: where the
     platform or file system has none (Windows, some network mounts), each save stays crash-consistent but concurrent
     savers are not serialized.
@@ -220,11 +220,13 @@ def atomic_save(save_directory, write: Callable[[str], None]) -> None:
     if os.path.isfile(save_directory):
         raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
     os.makedirs(save_directory, exist_ok=True)
-    recover_interrupted_save(save_directory)
     stage = os.path.join(save_directory, f"{STAGE_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
-    os.makedirs(stage)
-    ownership = _Flock(stage)  # held until the stage is committed: tells other savers it is not abandoned
-    ownership.acquire(exclusive=True)
+    with _locked(save_directory, exclusive=True):
+        _roll_forward(save_directory)
+        _remove_abandoned_stages(save_directory)
+        os.makedirs(stage)
+        ownership = _Flock(stage)  # held until the stage is committed: tells other savers it is not abandoned
+        ownership.acquire(exclusive=True)
     try:
         card = os.path.join(save_directory, "README.md")
         if os.path.isfile(card):
