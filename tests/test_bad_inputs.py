@@ -1,7 +1,12 @@
 """One matrix of bad inputs (issue "Reliability and safety", acceptance 1): config fields of every adapter type,
 targets, checkpoints and per-sample conditioning. Each case asserts the hadapeft exception type, a regex on the
 message naming the field / file / shape, and that the model is exactly as it was (state_dict keys and values,
-module types, no peft_config left behind)."""
+module types, no peft_config left behind; and, where a model already held adapters, what each of them computes).
+
+Then the second round (issue 22, "Reliability, second round"), by class: failed injections that must undo only
+their own work (2), adapter names (3), checkpoints holding other tensors or non-finite values (4), conditioning
+outside forward (7), merged tasks (8), configs changed after construction (10), clear errors (11) and task ids while
+no conditioned adapter is active (12). Classes 1, 3 (save verification), 5, 6 and 9 are in tests/test_safety.py."""
 
 from __future__ import annotations
 
@@ -375,19 +380,21 @@ def test_bad_input(case, saved_gated, tmp_path):
         if base_factory is None and case.extra.get("holder", True):
             # and a peft model that already holds an adapter keeps exactly that one
             holder = _cond_model("gated")
-            snap = _snapshot(holder)
+            inputs = make_inputs("llama")
+            snap = _full_snapshot(holder, inputs)
             with pytest.raises(case.error, match=case.message) as info:
                 holder.load_adapter(folder, adapter_name="second")
-            _assert_unchanged(holder, snap)
+            _assert_nothing_lost(holder, snap, inputs)
             assert set(holder.peft_config) == {"default"}
     elif case.kind == "cond":
         option, kw = case.arg
         model = _cond_model(option)
         inputs = make_inputs("llama")
         snap = _snapshot(model)
+        full = _full_snapshot(model, inputs)
         with pytest.raises(case.error, match=case.message) as info:
             model(**inputs, **kw)
-        _assert_unchanged(model, snap)
+        _assert_nothing_lost(model, full, inputs)
         if kw:
             with pytest.raises(case.error, match=case.message):
                 model.generate(**inputs, **kw, max_new_tokens=2)

@@ -478,14 +478,19 @@ def test_loading_into_an_existing_name_with_another_config_is_refused(tmp_path):
 
 
 # --- gates stay in [0, 1] on copies (class 9) -------------------------------------------------------------------------
-@pytest.mark.parametrize("how", ["deepcopy", "copy", "pickle"])
-def test_gates_stay_in_range_on_a_copy(how):
+def _reloaded(model, folder):
+    model.save_pretrained(folder)
+    return PeftModel.from_pretrained(build_model("llama"), folder, is_trainable=True)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "reload"])
+def test_gates_stay_in_range_on_a_copy(how, tmp_path):
     import copy
     import pickle
 
     model = _small_peft()
-    twin = {"deepcopy": copy.deepcopy, "copy": lambda m: copy.deepcopy(copy.copy(m)),
-            "pickle": lambda m: pickle.loads(pickle.dumps(m))}[how](model)
+    twin = {"deepcopy": copy.deepcopy, "pickle": lambda m: pickle.loads(pickle.dumps(m)),
+            "reload": lambda m: _reloaded(m, tmp_path)}[how](model)
     del model  # the copy must not depend on the original being alive
     inputs = make_inputs("llama")
     opt = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=100.0)
