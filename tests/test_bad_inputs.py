@@ -312,6 +312,40 @@ CASES = [
         r"no adapter among \['default'\] is task-conditioned"),
 ]
 
+def _add_base_weight(t):
+    k = next(k for k in sorted(t) if k.endswith("q_proj.gated_lora_A"))
+    t[k.replace("gated_lora_A", "base_layer.weight")] = torch.zeros(32, 32)
+
+
+def _add_lm_head(t):
+    t["base_model.model.lm_head.weight"] = torch.zeros(96, 32)
+
+
+def _poison(value):
+    def fn(t):
+        k = next(k for k in sorted(t) if "gated_lora_gate" in k)
+        t[k][0] = value
+    return fn
+
+
+# Issue 22, class 4: a checkpoint may only hold the adapter's own tensors, finite; class 11: peft_type errors.
+CASES += [
+    Bad("ckpt-overwrites-base-layer", "checkpoint", (_edit_tensors(_add_base_weight), None), CkptErr,
+        r"1 checkpoint tensors are not this adapter's but weights of the model, which loading would overwrite: "
+        r".*q_proj\.base_layer\.weight"),
+    Bad("ckpt-overwrites-lm-head", "checkpoint", (_edit_tensors(_add_lm_head), None), CkptErr,
+        r"weights of the model, which loading would overwrite: .*lm_head\.weight"),
+    Bad("ckpt-nan", "checkpoint", (_edit_tensors(_poison(float("nan"))), None), CkptErr,
+        r"1 tensors hold NaN or infinite values, e.g. .*gated_lora_gate.*allow_nonfinite_checkpoints"),
+    Bad("ckpt-inf", "checkpoint", (_edit_tensors(_poison(float("-inf"))), None), CkptErr,
+        r"NaN or infinite values"),
+    Bad("ckpt-peft-type-lower-case", "checkpoint", (_set("peft_type", "gated_lora"), None), CkptErr,
+        r"peft_type 'gated_lora', which is not an adapter type \(did you mean 'GATED_LORA'\?.*Known types: "
+        r"hadapeft's \['FILM', 'GATED_LORA', 'HADA_IA3', 'HYPERMOD'\]"),
+    Bad("ckpt-peft-type-unknown", "checkpoint", (_set("peft_type", "GATED_LORRA"), None), CkptErr,
+        r"peft_type 'GATED_LORRA', which is not an adapter type\. Known types: .*peft's \[.*'LORA'"),
+]
+
 assert len({c.id for c in CASES}) == len(CASES)
 
 
@@ -556,41 +590,7 @@ def test_good_adapter_names_save_and_load(name, tmp_path):
         assert torch.equal(logits(loaded, inputs), logits(model, inputs)), n
 
 
-# --- class 4: a checkpoint may only hold the adapter's own tensors, finite ----------------------------------------
-def _add_base_weight(t):
-    k = next(k for k in sorted(t) if k.endswith("q_proj.gated_lora_A"))
-    t[k.replace("gated_lora_A", "base_layer.weight")] = torch.zeros(32, 32)
-
-
-def _add_lm_head(t):
-    t["base_model.model.lm_head.weight"] = torch.zeros(96, 32)
-
-
-def _poison(value):
-    def fn(t):
-        k = next(k for k in sorted(t) if "gated_lora_gate" in k)
-        t[k][0] = value
-    return fn
-
-
-CASES += [
-    Bad("ckpt-overwrites-base-layer", "checkpoint", (_edit_tensors(_add_base_weight), None), CkptErr,
-        r"1 checkpoint tensors are not this adapter's but weights of the model, which loading would overwrite: "
-        r".*q_proj\.base_layer\.weight"),
-    Bad("ckpt-overwrites-lm-head", "checkpoint", (_edit_tensors(_add_lm_head), None), CkptErr,
-        r"weights of the model, which loading would overwrite: .*lm_head\.weight"),
-    Bad("ckpt-nan", "checkpoint", (_edit_tensors(_poison(float("nan"))), None), CkptErr,
-        r"1 tensors hold NaN or infinite values, e.g. .*gated_lora_gate.*allow_nonfinite_checkpoints"),
-    Bad("ckpt-inf", "checkpoint", (_edit_tensors(_poison(float("-inf"))), None), CkptErr,
-        r"NaN or infinite values"),
-    Bad("ckpt-peft-type-lower-case", "checkpoint", (_set("peft_type", "gated_lora"), None), CkptErr,
-        r"peft_type 'gated_lora', which is not an adapter type \(did you mean 'GATED_LORA'\?.*Known types: "
-        r"hadapeft's \['FILM', 'GATED_LORA', 'HADA_IA3', 'HYPERMOD'\]"),
-    Bad("ckpt-peft-type-unknown", "checkpoint", (_set("peft_type", "GATED_LORRA"), None), CkptErr,
-        r"peft_type 'GATED_LORRA', which is not an adapter type\. Known types: .*peft's \[.*'LORA'"),
-]
-
-
+# --- class 4: the matrix's checkpoint cases above, and the opt-in ---------------------------------------------------
 def test_non_finite_checkpoint_loads_with_the_opt_in(saved_gated, tmp_path, monkeypatch):
     folder = tmp_path / "adapter"
     shutil.copytree(saved_gated, folder)
@@ -790,6 +790,22 @@ def test_task_ids_are_ignored_on_a_custom_module_when_the_conditioned_adapter_is
     model.delete_adapter("default")  # the conditioned one: code passing the same batch keeps working
     assert torch.equal(model(x, task_ids=IDS), plain)
     assert torch.equal(model(x, task_embeds=torch.zeros(2, 4)), plain)
+
+
+def test_task_ids_are_ignored_by_generate_when_an_unconditioned_adapter_is_active():
+    """The same batch (task_ids column included) with the conditioned adapter and with another one, as a DPO-style
+    reference pass does: forward and generate run the active adapter and ignore the ids."""
+    torch.manual_seed(0)
+    model = get_peft_model(build_model("llama"), I(num_tasks=3, init_weights=False, task_type="CAUSAL_LM"))
+    model.add_adapter("plain", I(init_weights=False, task_type="CAUSAL_LM"))
+    inputs = make_inputs("llama")
+    model.set_adapter("plain")
+    plain = logits(model, inputs)
+    greedy = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(logits(model, dict(inputs, task_ids=IDS)), plain)
+    assert torch.equal(model.generate(**inputs, task_ids=IDS, max_new_tokens=3, do_sample=False), greedy)
+    model.set_adapter("default")
+    assert not torch.equal(logits(model, dict(inputs, task_ids=IDS)), plain)
 
 
 def test_half_precision_generate_uses_the_task_ids():

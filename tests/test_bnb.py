@@ -13,9 +13,8 @@ from peft import get_peft_model  # noqa: E402
 
 import hadapeft  # noqa: E402
 from hadapeft.core.layer import HadaLayer  # noqa: E402
-from hadapeft.seam.bnb import is_cpu_packed  # noqa: E402
-from conftest import (BNB_LAYOUTS, BNB_LLAMA, emulated_gemv_4bit, logits, make_inputs,  # noqa: E402
-                      use_bnb_layout)
+from conftest import (BNB_LAYOUTS, BNB_LLAMA, emulated_gemv_4bit, force_bnb_layout, logits,  # noqa: E402
+                      make_inputs, use_bnb_layout)
 
 QUANT = {
     "8bit": lambda: tf.BitsAndBytesConfig(load_in_8bit=True),
@@ -46,6 +45,11 @@ def base_dir(tmp_path_factory):
 def quantized(base_dir, quant):
     return tf.AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=QUANT[quant](),
                                                    device_map="cpu").eval()
+
+
+def is_cpu_packed(weight) -> bool:
+    """Whether bitsandbytes repacked this 4-bit weight for its AVX512-BF16 CPU kernel (its own flag)."""
+    return bool(getattr(weight.quant_state, "packing_format_for_cpu", False))
 
 
 def packed_layers(model) -> int:
@@ -155,7 +159,7 @@ def test_dense_weight_of_either_layout(base_dir, monkeypatch, nested):
     """What hadapeft merges with (the dense weight) is what the layer computes with, in either layout."""
     from hadapeft.core import frozen
 
-    use_bnb_layout(monkeypatch, "repacked")
+    force_bnb_layout(monkeypatch, "repacked")  # the layouts' maths, whatever HADAPEFT_TEST_BNB_REPACK says
     layer = bnb.nn.Linear4bit(128, 96, bias=False, compute_dtype=torch.float32, quant_type="nf4",
                               compress_statistics=nested)
     torch.manual_seed(0)
@@ -174,12 +178,13 @@ def test_dense_weight_of_either_layout(base_dir, monkeypatch, nested):
     assert (x @ repacked.t() - y).abs().max() <= 0.02 * y.abs().max()  # the bf16 kernel computes with it
 
 
-def test_the_emulated_kernel_matches_the_native_one():
+def test_the_emulated_kernel_matches_the_native_one(monkeypatch):
     """conftest.emulated_gemv_4bit stands in for bitsandbytes' AVX512-BF16 kernel on other CPUs: check it here."""
     import bitsandbytes.functional as F
 
     if not F.has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16: no native kernel to compare with")
+    force_bnb_layout(monkeypatch, "repacked")  # whatever HADAPEFT_TEST_BNB_REPACK says: this compares the kernels
     layer = bnb.nn.Linear4bit(192, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4",
                               compress_statistics=False)
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -338,7 +339,7 @@ def _folder_holds(target) -> float:
     return alpha
 
 
-def _lines(proc, out: "queue.Queue"):
+def _lines(proc, out: queue.Queue):
     for line in proc.stdout:
         out.put(line.split())
 
@@ -346,9 +347,6 @@ def _lines(proc, out: "queue.Queue"):
 @pytest.mark.slow
 @pytest.mark.parametrize("fsync_delay", [0.0, 0.004], ids=["fast-disk", "slow-disk"])
 def test_concurrent_saves_keep_one_whole_save(tmp_path, fsync_delay):
-    import queue
-    import threading
-
     target = tmp_path / "shared"
     env = dict(os.environ, PYTHONPATH=f"{ROOT}")
     workers, replies = [], queue.Queue()
