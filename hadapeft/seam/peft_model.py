@@ -1,9 +1,12 @@
 """Patches of peft's ``PeftModel`` (and ``AutoPeftModel*``) classes, applied once by :func:`install`:
 
 * ``from_pretrained`` / ``load_adapter`` are all-or-nothing for hadapeft adapters (peft injects the layers before it
-  reads the weights, so a bad checkpoint would leave the model half-adapted) and run the safe-loading checks of
-  :mod:`hadapeft.safety.load_policy` first;
-* ``save_pretrained`` of a hadapeft adapter is crash-consistent (:mod:`hadapeft.safety.atomic_save`);
+  reads the weights, so a bad checkpoint would leave the model half-adapted; a failure undoes exactly what the call
+  did), run the safe-loading checks of :mod:`hadapeft.safety.load_policy` first under the folder's read lock, and
+  refuse loading into an existing adapter name a checkpoint with another config;
+* an unknown or wrongly written ``peft_type`` is named, with the known types, instead of peft's bare ``KeyError``;
+* ``save_pretrained`` of a hadapeft adapter is crash-consistent and safe with concurrent savers
+  (:mod:`hadapeft.safety.atomic_save`), and checks what it wrote before committing it;
 * ``forward`` / ``generate`` take ``task_ids`` / ``task_embeds`` (peft's task wrappers capture ``task_ids`` for its
   Poly method and silently drop it for every other type).
 """
@@ -22,6 +25,7 @@ from ..errors import AdapterCheckpointError
 from ..safety import atomic_save, precheck_local_adapter, reading, save_folders
 from .hooks import adapter_state_keys
 from .tuner import ModelUndo, holds_adapter
+
 
 def _is_ours(config) -> bool:
     return registry.is_hadapeft_type(getattr(config, "peft_type", None))
