@@ -92,9 +92,3 @@ def type_of_config(config) -> Optional[AdapterType]:
 def is_hadapeft_type(peft_type) -> bool:
     """Whether a ``PeftType`` member or string names a registered hadapeft type."""
     return str(getattr(peft_type, "value", peft_type)) in ADAPTER_TYPES
-
-
-def option_cases() -> list[tuple[str, str, str]]:
-    """(type name, option set, family or None) for every registered option set (families: see ``OptionSet``)."""
-    return [(t.name, o, fam) for t in ADAPTER_TYPES.values() for o, s in t.option_sets.items()
-            for fam in (s.families or (None,))]

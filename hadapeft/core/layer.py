@@ -229,7 +229,7 @@ class HadaLayer(nn.Module, SeamTunerLayer):
             u = F.linear(x if lora_x is None else lora_x, A)  # (..., r)
             low = low_rank(u)
             diff = full(x) - low  # h − l, what dγ = Σ dy ∘ (h − l) needs
-            gate = _cast(_clamp_ste(lora.gate), dtype)
+            gate = _cast(clamp_gate(lora.gate), dtype)
             if not lora.recompute or not torch.is_grad_enabled():
                 return torch.addcmul(low, gate, diff)
             if torch.compiler.is_compiling():  # dynamo cannot trace saved-tensor hooks; checkpointing it can
@@ -269,7 +269,7 @@ class HadaLayer(nn.Module, SeamTunerLayer):
         lora = mod.lora
         if lora is not None:
             return gated_lora_linear(x, w, b, _cast(lora.A, dtype), _cast(lora.B, dtype), _cast(lora.gate, dtype),
-                                     lora.scaling, lora_x, backend=backend, recompute=lora.recompute)
+                                     lora.scaling, lora_x, backend=backend)
         y = None
         for k, (i, o) in enumerate(mod.scales):
             term = modulated_linear(x, w, b if k == 0 else None, in_scale=_cast(i, dtype), out_scale=_cast(o, dtype),
@@ -410,11 +410,6 @@ class _Recipe:
 
     def __init__(self, recompute):
         self.recompute = recompute
-
-
-def _clamp_ste(g: torch.Tensor) -> torch.Tensor:
-    """clamp(g, 0, 1) with a straight-through gradient, in native ops (what ``ops.clamp_gate`` computes)."""
-    return g + (g.clamp(0.0, 1.0) - g).detach()
 
 
 def _per_row(table: torch.Tensor, index: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:

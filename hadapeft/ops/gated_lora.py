@@ -12,11 +12,9 @@ This is the PyTorch reference path (the CPU implementation users run) and the sh
                             identity), as Gated LoRA trains the gate by projected gradient descent
     lora_x same as x | None dropout(x) for the low-rank branch; None means x itself
 
-Memory: the backward needs ``h − l`` (for dγ) and ``u = x_l Aᵀ`` (N × r). With ``recompute=False`` we save exactly
-those plus a reference to the input (which the caller keeps alive anyway); with ``recompute=True`` we save no
-N × d_out tensor and recompute ``h = W x + b`` in backward instead (one more GEMM), so the layer keeps what peft's
-LoRA keeps (x and u). ``s`` and ``1 − γ`` are folded into the small matrices so the backward allocates no N × d
-temporaries beyond the gradients themselves (dγ is reduced block by block, ``reduce.py``).
+Memory: the backward needs ``h − l`` (for dγ) and ``u = x_l Aᵀ`` (N × r). We save exactly those plus a reference to
+the input (which the caller keeps alive anyway), and fold ``s`` and ``1 − γ`` into the small matrices so the backward
+allocates no N × d temporaries beyond the gradients themselves (dγ is reduced block by block, ``reduce.py``).
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ def gated_lora_ref(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=None, 
 
 class GatedLoraFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, gate, scaling, lora_x, recompute=False):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, gate, scaling, lora_x):
         # x keeps its shape here: flattening a strided input would copy it and change the GEMM's rounding, and the
         # identity at init must be exact.
         lx = x if lora_x is None else lora_x
@@ -51,11 +49,7 @@ class GatedLoraFunction(torch.autograd.Function):
         low = u @ (lora_B * scaling).t()  # l, (..., d_out); becomes y in place below
         diff.sub_(low)
         y = low.addcmul_(diff, gate)  # y = l + γ(h − l)
-        if recompute:  # keep x (and b) instead of the N × d_out h − l
-            ctx.save_for_backward(lx, weight, lora_A, lora_B, gate, u, x, bias)
-        else:
-            ctx.save_for_backward(lx, weight, lora_A, lora_B, gate, u, diff)
-        ctx.recompute = recompute
+        ctx.save_for_backward(lx, weight, lora_A, lora_B, gate, u, diff)
         ctx.scaling = scaling
         ctx.separate_lora_x = lora_x is not None
         ctx.x_shape = x.shape
@@ -63,12 +57,8 @@ class GatedLoraFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        lx, weight, lora_A, lora_B, gate, u, diff = ctx.saved_tensors
         s = ctx.scaling
-        if ctx.recompute:
-            lx, weight, lora_A, lora_B, gate, u, x, bias = ctx.saved_tensors
-            diff = F.linear(x, weight, bias).sub_(u @ (lora_B * s).t())  # h − l, recomputed
-        else:
-            lx, weight, lora_A, lora_B, gate, u, diff = ctx.saved_tensors
         d_out, r = weight.shape[0], lora_A.shape[0]
         dy2, diff, u = dy.reshape(-1, d_out), diff.reshape(-1, d_out), u.reshape(-1, r)
         lx2 = lx.reshape(-1, lx.shape[-1])
@@ -89,31 +79,19 @@ class GatedLoraFunction(torch.autograd.Function):
             # dx = (γ ∘ dy) W + v A: one GEMM on a γ-scaled copy of W (d_out × d_in, cheaper than N × d), then the
             # low-rank term accumulated in place (one N × d_in buffer, not two).
             dx = (dy2 @ (weight * gate.unsqueeze(-1))).addmm_(v, lora_A).view(ctx.x_shape)
-        return dx, None, None, dA, dB, dgate, None, dlx, None
+        return dx, None, None, dA, dB, dgate, None, dlx
 
 
-def gated_lora_torch(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=None, recompute=False):
-    return GatedLoraFunction.apply(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x, recompute)
+def gated_lora_torch(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=None):
+    return GatedLoraFunction.apply(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x)
 
 
-class _ClampSTE(torch.autograd.Function):
-    """γ = clamp(g, 0, 1) in the forward, identity in the backward (straight-through).
+def clamp_gate(gate: torch.Tensor) -> torch.Tensor:
+    """γ = clamp(gate, 0, 1) in the forward, identity in the backward (straight-through), in native ops.
 
     The gradient stays a plain sum over samples, so it is the same whether a batch is split over N processes or
     micro-batches (a sign-dependent rule applied per backward would not be). γ = 1 at init sits on the boundary,
     where a plain clamp's gradient would die for good once a step overshoots; instead the Gated LoRA layer projects
     the parameter back into [0, 1] after every optimizer step, i.e. projected gradient descent.
     """
-
-    @staticmethod
-    def forward(ctx, g):
-        return g.clamp(0.0, 1.0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-def clamp_gate(gate: torch.Tensor) -> torch.Tensor:
-    """γ = clamp(gate, 0, 1) with a straight-through gradient (what the fused op does inside)."""
-    return _ClampSTE.apply(gate)
+    return gate + (gate.clamp(0.0, 1.0) - gate).detach()
