@@ -97,6 +97,7 @@ def test_gated_lora_merge_unmerge_roundtrip(d_in, d_out, n, r, gate, bias, alpha
     g = layer.gated_lora_gate["default"]
     with torch.no_grad():
         g.copy_(torch.tensor(data.draw(unit_values(g.numel()), label="gate")))
+        g.add_(data.draw(st.sampled_from([0.0, 2.0, -3.0]), label="gate shift"))  # γ = unit_gate(g): reflected values
     x = torch.randn(n, d_in, generator=torch.Generator().manual_seed(seed))
     check_merge_roundtrip(model, x)
 

@@ -32,7 +32,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..backend import resolve_backend
-from ..ops import clamp_gate, gated_lora_linear, modulated_linear
+from ..ops import gated_lora_linear, modulated_linear
 from ..seam.tuner import SeamTunerLayer
 from . import frozen
 
@@ -43,12 +43,12 @@ UNMERGE_TINY = 1e-2
 
 @dataclass
 class LowRank:
-    """The gated low-rank branch ``(1 − γ) ∘ (s · B A dropout(x))``; γ = clamp(gate, 0, 1), straight-through."""
+    """The gated low-rank branch ``(1 − γ) ∘ (s · B A dropout(x))``."""
 
     A: torch.Tensor  # (r, d_in)
     B: torch.Tensor  # (d_out, r)
     scaling: float  # s = lora_alpha / r
-    gate: torch.Tensor  # (d_out,) or (1,): the raw gate parameter
+    gate: torch.Tensor  # γ, (d_out,) or (1,), in [0, 1] (the adapter maps its parameter there, with autograd)
     dropout: Optional[nn.Module] = None  # applied to x for the branch while training
     recompute: bool = False  # keep no N × d_out activation for dγ: recompute W x in backward (one more GEMM)
 
@@ -229,7 +229,7 @@ class HadaLayer(nn.Module, SeamTunerLayer):
             u = F.linear(x if lora_x is None else lora_x, A)  # (..., r)
             low = low_rank(u)
             diff = full(x) - low  # h − l, what dγ = Σ dy ∘ (h − l) needs
-            gate = _cast(clamp_gate(lora.gate), dtype)
+            gate = _cast(lora.gate, dtype)
             if not lora.recompute or not torch.is_grad_enabled():
                 return torch.addcmul(low, gate, diff)
             if torch.compiler.is_compiling():  # dynamo cannot trace saved-tensor hooks; checkpointing it can
@@ -285,7 +285,7 @@ class HadaLayer(nn.Module, SeamTunerLayer):
             mod = self.modulation(name)
             lora = mod.lora
             if lora is not None:
-                gate = clamp_gate(lora.gate).detach().float()
+                gate = lora.gate.detach().float()
                 delta = (lora.B.detach().float() * lora.scaling) @ lora.A.detach().float()
                 return MergeTerms(M=gate.unsqueeze(-1), W_add=(1 - gate).unsqueeze(-1) * delta, m=gate)
             k = 0 if mod.rows is None or mod.per_sample else mod.rows(1, torch.device("cpu"))[0]

@@ -7,10 +7,10 @@ Adapter layers call only these functions; they never launch kernels themselves.
 from __future__ import annotations
 
 from ..backend import resolve_backend
-from .gated_lora import clamp_gate, gated_lora_ref, gated_lora_torch
+from .gated_lora import unit_gate, gated_lora_ref, gated_lora_torch
 from .modulate import modulated_linear_ref, modulated_linear_torch
 
-__all__ = ["gated_lora_linear", "modulated_linear", "clamp_gate", "gated_lora_ref", "modulated_linear_ref"]
+__all__ = ["gated_lora_linear", "modulated_linear", "unit_gate", "gated_lora_ref", "modulated_linear_ref"]
 
 
 def _base_trains(weight, bias) -> bool:

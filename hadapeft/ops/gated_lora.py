@@ -8,8 +8,8 @@ This is the PyTorch reference path (the CPU implementation users run) and the sh
     bias   (d_out,) | None  frozen, no grad
     lora_A (r, d_in)
     lora_B (d_out, r)
-    gate   (d_out,) | (1,)  γ = clamp(gate, 0, 1) in the forward; its gradient is straight-through (the
-                            identity), as Gated LoRA trains the gate by projected gradient descent
+    gate   (d_out,) | (1,)  γ; adapter layers pass γ = unit_gate(g), already in [0, 1]. For direct callers the
+                            forward uses clamp(gate, 0, 1) with a straight-through (identity) gradient
     lora_x same as x | None dropout(x) for the low-rank branch; None means x itself
 
 Memory: the backward needs ``h − l`` (for dγ) and ``u = x_l Aᵀ`` (N × r). We save exactly those plus a reference to
@@ -86,12 +86,22 @@ def gated_lora_torch(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=None
     return GatedLoraFunction.apply(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x)
 
 
-def clamp_gate(gate: torch.Tensor) -> torch.Tensor:
-    """γ = clamp(gate, 0, 1) in the forward, identity in the backward (straight-through), in native ops.
+def unit_gate(gate: torch.Tensor) -> torch.Tensor:
+    """γ = reflect(gate) in [0, 1]: the gate parameter folded into [0, 1] by reflection at 0 and 1 (a triangle wave of
+    period 2: γ = g on [0, 1], 2 − g on [1, 2], −g on [−1, 0], ...), in native ops.
 
-    The gradient stays a plain sum over samples, so it is the same whether a batch is split over N processes or
-    micro-batches (a sign-dependent rule applied per backward would not be). γ = 1 at init sits on the boundary,
-    where a plain clamp's gradient would die for good once a step overshoots; instead the Gated LoRA layer projects
-    the parameter back into [0, 1] after every optimizer step, i.e. projected gradient descent.
+    Why a reparametrization rather than a clamp plus a projection after each optimizer step: engines that keep their
+    own master copy of the weights (DeepSpeed ZeRO's fp32 partitions) or flatten / shard them (FSDP) copy the
+    optimizer's values back over any projection, and a process-wide optimizer hook also runs after unrelated
+    optimizers. Here γ is in [0, 1] whatever value the parameter holds, so no engine or optimizer wrapper can break it.
+
+    * Exact: γ = g bit for bit on [0, 1] (``remainder`` is exact), so γ = 1 at init (g = 1) and saved gates in [0, 1]
+      mean what they meant under the previous clamp.
+    * No dead start: dγ/dg = ±1 everywhere (+1 at the kinks g = 0, 1, i.e. from inside [0, 1]), so the gate gets the
+      full gradient at γ = 1; a step that would push γ past 1 reflects it to 1 − δ (the low-rank branch then starts
+      learning) and the next gradient brings it back, where a clamped parameter would sit outside with γ stuck.
+    * Linear in the upstream gradient: the slope depends only on g, so the gradient is a plain sum over samples, the
+      same whether a batch is split over N processes or micro-batches (a rule on the gradient's sign would not be).
     """
-    return gate + (gate.clamp(0.0, 1.0) - gate).detach()
+    r = torch.remainder(gate, 2.0)
+    return torch.where(r <= 1.0, r, 2.0 - r)

@@ -1,48 +1,18 @@
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import nn
 
 from ...core.layer import HadaLayer, LowRank, Modulation
-from ...ops import clamp_gate
-
-
-# Every live Gated LoRA layer. Parameters themselves cannot be marked: peft's dtype casts replace them.
-_LAYERS: "weakref.WeakSet[GatedLoraLinear]" = weakref.WeakSet()
-
-
-def _project_gates_after_step(optimizer, args, kwargs) -> None:
-    """Global ``torch.optim`` post-step hook: clamp every Gated LoRA gate parameter into [0, 1] (γ = clamp(g) anyway,
-    so this changes no output; it keeps g where its gradient acts)."""
-    with torch.no_grad():
-        for layer in list(_LAYERS):
-            for p in layer.gated_lora_gate.values():
-                p.clamp_(0.0, 1.0)
-
-
-_HOOK = None
-
-
-def _install_gate_projection() -> None:
-    global _HOOK
-    if _HOOK is None:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        _HOOK = register_optimizer_step_post_hook(_project_gates_after_step)
-
-
-def _track(layer) -> None:
-    """Have ``layer``'s gates projected into [0, 1] after each optimizer step."""
-    _LAYERS.add(layer)
-    _install_gate_projection()
+from ...ops import unit_gate
 
 
 class GatedLoraLinear(HadaLayer):
-    """``y = γ ∘ (W x + b) + (1 − γ) ∘ (s · B A dropout(x))``, γ = clamp(g, 0, 1) (straight-through gradient,
-    projected back into [0, 1] after each optimizer step)."""
+    """``y = γ ∘ (W x + b) + (1 − γ) ∘ (s · B A dropout(x))``, γ = ``unit_gate(g)``: the gate parameter g folded into
+    [0, 1] by reflection (γ = g on [0, 1]). γ is in [0, 1] whatever g holds, so no optimizer step, engine master copy
+    (DeepSpeed) or sharded parameter (FSDP) has to be projected back; see ``hadapeft.ops.gated_lora.unit_gate``."""
 
     adapter_layer_names = ("gated_lora_A", "gated_lora_B", "gated_lora_gate")
     other_param_names = HadaLayer.other_param_names + ("scaling", "lora_dropout", "gate_recompute")
@@ -70,21 +40,14 @@ class GatedLoraLinear(HadaLayer):
         self.gated_lora_A[name] = nn.Parameter(A)
         self.gated_lora_B[name] = nn.Parameter(B)
         self.gated_lora_gate[name] = nn.Parameter(g)
-        _track(self)
         self.scaling[name] = config.lora_alpha / r
         self.gate_recompute[name] = config.gate_grad == "recompute"
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
 
-    def __setstate__(self, state):
-        # copy.deepcopy, copy.copy and unpickling build a layer without __init__: track the copy too.
-        super().__setstate__(state)
-        _track(self)
-
     def gate(self, name: str) -> torch.Tensor:
-        """γ in [0, 1] (shape (d_out,) or (1,))."""
-        return clamp_gate(self.gated_lora_gate[name])
+        """γ in [0, 1] (shape (d_out,) or (1,)), differentiable in the gate parameter."""
+        return unit_gate(self.gated_lora_gate[name])
 
     def modulation(self, name):
         return Modulation(lora=LowRank(self.gated_lora_A[name], self.gated_lora_B[name], self.scaling[name],
-                                       self.gated_lora_gate[name], self.lora_dropout[name],
-                                       self.gate_recompute[name]))
+                                       self.gate(name), self.lora_dropout[name], self.gate_recompute[name]))
