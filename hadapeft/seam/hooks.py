@@ -45,6 +45,8 @@ PRIVATE_HOOKS: tuple[Hook, ...] = (
     Hook(_TU, "BaseTuner._unload_and_optionally_merge", "drop conditioning state on unload"),
     Hook(_TU, "BaseTuner._remove_adapter_name_from_key", "checkpoint keys of nested adapter containers"),
     Hook(_TU, "BaseTuner._remap_adapter_state_dict_for_load", "refuse ill-fitting checkpoints before loading"),
+    Hook(_TU, "BaseTuner._get_adapter_state_dict", "select an adapter's tensors for saving under FSDP-wrapped paths"),
+    Hook(_TU, "BaseTuner._get_learnable_bias_state_dict", "peft's bias selection, kept when selecting for saving"),
     Hook(_TU, "BaseTunerLayer._move_adapter_to_device_of_base_layer", "new adapter tensors follow the base layer"),
     Hook(_TU, "BaseTunerLayer._all_available_adapter_names", "which adapters a layer holds (rollback)"),
     Hook(_TU, "BaseTunerLayer._disable_adapters", "layer state peft's methods read"),
@@ -125,10 +127,29 @@ def peft_config_class(peft_type):
     return PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
 
 
-def adapter_state_keys(model, adapter_name: str) -> list[str]:
-    """Keys of ``model.state_dict()`` that hold adapter ``adapter_name``: its entries in the tuner layers and in
-    model-level containers on the tuner (HyperMod's hypernetwork), as peft selects them for saving."""
+# Module names that wrappers insert into module paths — FSDP1's FullyShardedDataParallel, activation checkpointing's
+# CheckpointWrapper, torch.compile's OptimizedModule — and that their state dicts leave out (FSDP1 and the checkpoint
+# wrapper strip them in state-dict hooks; a full state dict taken on the root has none). ``named_modules()`` keeps them,
+# anywhere in a path: peft removes only a leading "_fsdp_wrapped_module.", so under FSDP1 with nested units (any wrap
+# policy) its key selection finds nothing and an adapter saves empty.
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def plain_key(key: str) -> str:
+    """``key`` (a module path or state-dict key) without wrapper segments: the key of the unwrapped model."""
+    if not any(s in key for s in WRAPPER_SEGMENTS):
+        return key
+    return ".".join(p for p in key.split(".") if p not in WRAPPER_SEGMENTS)
+
+
+def adapter_state_keys(model, adapter_name, state_dict=None) -> list[str]:
+    """Keys of ``state_dict`` (default ``model.state_dict()``) that hold adapter ``adapter_name`` (every adapter when
+    None): its entries in the tuner layers and in model-level containers on the tuner (HyperMod's hypernetwork),
+    found structurally as peft does, whatever wrapper segments (:data:`WRAPPER_SEGMENTS`) the module paths or the
+    state-dict keys hold. ``state_dict`` may be a full state dict gathered by an engine (FSDP, DeepSpeed ZeRO-3)."""
     from peft.tuners.tuners_utils import _filter_state_dict_by_key_prefixes, _get_tuner_state_dict_key_prefixes
 
-    prefixes = _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)
-    return list(_filter_state_dict_by_key_prefixes(model.state_dict(), prefixes))
+    state = model.state_dict() if state_dict is None else state_dict
+    prefixes = {plain_key(p) for p in _get_tuner_state_dict_key_prefixes(model, adapter_name=adapter_name)}
+    plain = {plain_key(k): k for k in state}
+    return [plain[k] for k in _filter_state_dict_by_key_prefixes(dict.fromkeys(plain), prefixes)]

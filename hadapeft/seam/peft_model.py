@@ -190,12 +190,14 @@ def _install_auto_guard() -> None:
 
 
 # --- saving -----------------------------------------------------------------------------------------------------
-def _adapter_tensors(model, adapter_name: str) -> dict:
+def _adapter_tensors(model, adapter_name: str, state=None) -> dict:
     """{checkpoint key: tensor} of every tensor adapter ``adapter_name`` owns in ``model`` (a PeftModel): its entries
-    in the tuner layers and the tuner's shared modules (found structurally, not by name) and its modules_to_save."""
-    state = model.state_dict()
+    in the tuner layers and the tuner's shared modules (found structurally, not by name) and its modules_to_save.
+    ``state``: the state dict to read (the one given to ``save_pretrained``, e.g. an engine's gathered full state
+    dict; default ``model.state_dict()``)."""
+    state = model.state_dict() if state is None else state
     tuner = type(model.base_model)
-    tensors = {tuner.checkpoint_key(k, adapter_name): state[k] for k in adapter_state_keys(model, adapter_name)}
+    tensors = {tuner.checkpoint_key(k, adapter_name): state[k] for k in adapter_state_keys(model, adapter_name, state)}
     marker = f".modules_to_save.{adapter_name}."
     tensors.update({k.replace(marker, "."): v for k, v in state.items() if marker in k})
     return tensors
@@ -214,10 +216,12 @@ def _same_tensor(written, held) -> bool:
     return written.shape == held.shape and written.dtype == held.dtype and torch.equal(written, held.detach().cpu())
 
 
-def verify_saved(model, folder: str, adapter_names, safe_serialization: bool) -> None:
+def verify_saved(model, folder: str, adapter_names, safe_serialization: bool, state_dict=None) -> None:
     """Check what a save wrote into ``folder``: each hadapeft adapter's config and every one of its tensors, with its
     value. peft selects the tensors by name, and some names select too few (an adapter named ``layers`` saved none of
-    ``default``'s) while reporting success; a partial or empty save is an error instead."""
+    ``default``'s) while reporting success; a partial or empty save is an error instead. ``state_dict``: the one the
+    save was given (under FSDP / ZeRO-3 the gathered full state dict; ``model.state_dict()`` there would be a
+    collective, or sharded), else ``model.state_dict()``."""
     from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
     for name in adapter_names:
@@ -229,7 +233,7 @@ def verify_saved(model, folder: str, adapter_names, safe_serialization: bool) ->
             raise AdapterCheckpointError(f"saving adapter {name!r} did not write {weights} and its "
                                          "adapter_config.json; nothing was saved")
         written = _read_weights(weights)
-        expected = _adapter_tensors(model, name)
+        expected = _adapter_tensors(model, name, state_dict)
         missing = sorted(k for k in expected if k not in written)
         changed = sorted(k for k in expected if k in written and not _same_tensor(written[k], expected[k]))
         if missing or changed:
@@ -261,7 +265,7 @@ def _install_atomic_save() -> None:
 
         def write(folder):
             original(self, folder, **rest)
-            verify_saved(self, folder, names, bound.arguments["safe_serialization"])
+            verify_saved(self, folder, names, bound.arguments["safe_serialization"], rest.get("state_dict"))
 
         return atomic_save(bound.arguments["save_directory"], write)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from .hooks import adapter_state_keys, plain_key
+
 
 class SeamTunerLayer(BaseTunerLayer):
     def init_tuner_layer(self, adapter_name: str) -> None:
@@ -44,8 +46,9 @@ class SeamTuner(BaseTuner):
 
     @classmethod
     def checkpoint_key(cls, key: str, adapter_name: str) -> str:
-        """Checkpoint key of model key ``key`` (the adapter name removed)."""
-        return BaseTuner._remove_adapter_name_from_key.__func__(cls, key, adapter_name)
+        """Checkpoint key of model key ``key`` (the adapter name and wrapper segments removed, see
+        :func:`hadapeft.seam.hooks.plain_key`)."""
+        return BaseTuner._remove_adapter_name_from_key.__func__(cls, plain_key(key), adapter_name)
 
     @classmethod
     def check_checkpoint(cls, model: nn.Module, config, adapter_name: str, state_dict: dict) -> None:
@@ -73,6 +76,14 @@ class SeamTuner(BaseTuner):
     @classmethod
     def _remove_adapter_name_from_key(cls, key, adapter_name):
         return cls.checkpoint_key(key, adapter_name)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        # peft's selection strips "_fsdp_wrapped_module." only at the start of a module path: under FSDP1 with nested
+        # units it selects nothing. Same structural selection, wrapper segments removed anywhere.
+        selected = {plain_key(k): state_dict[k] for k in adapter_state_keys(model, adapter_name, state_dict)}
+        selected.update(cls._get_learnable_bias_state_dict(model, state_dict, config))
+        return selected
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

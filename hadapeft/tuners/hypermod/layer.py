@@ -21,6 +21,8 @@ class HyperNet(nn.Module):
         super().__init__()
         e, H = config.embed_dim, config.hidden_dim
         self.rank, self.init_weights, self.embed_dim = config.r, config.init_weights, e
+        # By task id or by conditioning vector: a flag, not isinstance(self.task, ...), which an FSDP1 wrapper fails.
+        self.by_id = bool(config.num_tasks)
         self.task = nn.Embedding(config.num_tasks, e) if config.num_tasks else nn.Linear(config.task_embed_dim, e)
         self.layer = nn.Embedding(num_layers + 1, e)  # row num_layers: modules outside any numbered layer
         self.kind = nn.ParameterDict()  # kind -> (e,)
@@ -46,23 +48,20 @@ class HyperNet(nn.Module):
             self.shapes[key] = (d_in, d_out)
         return key
 
-    def task_embedding(self, cond: Conditioning) -> torch.Tensor:
-        """(B, e): the embedding of each sample's task id, or the projection of its conditioning vector."""
-        if isinstance(self.task, nn.Embedding):
-            return self.task(cond.task_ids.to(self.task.weight.device))
-        return self.task(cond.task_embeds.to(self.task.weight.device, self.task.weight.dtype))
-
-    def forward(self, cond: Conditioning, layer: int, kind: str):
-        """Per-sample modulation of one layer: ``((v_1, u_1), ..., (v_r, u_r))`` with v_i (B, d_in), u_i (B, d_out),
-        and β (B, d_out), in fp32."""
-        return self.modulations(cond, [(layer, kind)])[(layer, kind)]
-
     def modulations(self, cond: Conditioning, pairs) -> dict:
-        """(layer, kind) -> (scales, β) for every pair, batched: one MLP pass for all pairs, one head pass per kind."""
-        z = self.task_embedding(cond)  # (B, e)
+        """(layer, kind) -> (scales, β) for every pair: ``((v_1, u_1), ..., (v_r, u_r))`` with v_i (B, d_in),
+        u_i (B, d_out), and β (B, d_out), in fp32. Runs through ``self(...)``, so that engines that shard the net
+        (FSDP1 / FSDP2 units, whatever the wrap policy) gather its weights in their forward hooks."""
+        return self(cond.task_ids if self.by_id else cond.task_embeds, list(pairs))
+
+    def forward(self, task: torch.Tensor, pairs: list) -> dict:
+        """The batched computation: ``task`` is the task ids (B,) or the conditioning vectors (B, task_embed_dim);
+        one MLP pass for all pairs, one head pass per kind. Every weight is used through a module call or inside
+        this forward, never read from outside it (a unit's weights are only gathered while its forward runs)."""
+        kinds = self.kind_table(pairs)  # (P, e)
+        z = self.task(task.to(kinds.device, kinds.dtype if task.is_floating_point() else task.dtype))  # (B, e)
         B, P = z.shape[0], len(pairs)
         layers = torch.tensor([layer for layer, _ in pairs], device=z.device)
-        kinds = torch.stack([self.kind[kind] for _, kind in pairs])  # (P, e)
         inp = torch.cat([z.unsqueeze(0).expand(P, B, -1), self.layer(layers).unsqueeze(1).expand(P, B, -1),
                          kinds.unsqueeze(1).expand(P, B, -1)], dim=-1)  # (P, B, 3e)
         h = self.mlp(inp)  # (P, B, H)
@@ -79,6 +78,10 @@ class HyperNet(nn.Module):
             for j, i in enumerate(at):
                 out[pairs[i]] = (tuple((v[j], u[j]) for v, u in zip(vs, us)), parts[-1][j])
         return out
+
+    def kind_table(self, pairs) -> torch.Tensor:
+        """(P, e): the kind vector of each pair (parameters of this module itself: read inside its forward)."""
+        return torch.stack([self.kind[kind] for _, kind in pairs])
 
 
 class HyperModLinear(HadaLayer):
@@ -114,6 +117,6 @@ class HyperModLinear(HadaLayer):
         else:
             use = shared is not None and shared[0] == torch.is_grad_enabled() and key in shared[1]
             decided[id(self)] = use
-        scales, beta = shared[1][key] if use else self.shared.modules[name](cond, *key)
+        scales, beta = shared[1][key] if use else self.shared.modules[name].modulations(cond, [key])[key]
         return Modulation(scales=scales, shift=beta,
                           rows=cond.sample_rows, scale_bias=False, per_sample=True)
