@@ -15,3 +15,8 @@ class AdapterCheckpointError(ValueError):
 
 class ConditioningError(ValueError):
     """``task_ids`` / ``task_embeds`` are missing or do not fit the adapter or the batch."""
+
+
+class EngineError(RuntimeError):
+    """A distributed engine (FSDP, DeepSpeed) was asked for but would not run, or runs in a way hadapeft cannot
+    train correctly under."""

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from .core.conditioning import CONDITIONING_KWARGS, STATE_ATTR
+from .distributed import check_engine
 from .errors import ConditioningError
 from .seam.hooks import attn_implementation
 from .seam.trainer import SeamTrainer
@@ -96,6 +97,7 @@ class ConditionedTrainerMixin(SeamTrainer):
     get each sample's ``task_ids`` / ``task_embeds`` from the dataset column of that name, in training, evaluation
     and prediction. Which columns is read from the model (or from ``peft_config``, for trainers that build the
     PeftModel themselves); for an unconditioned adapter the trainer is unchanged (the columns are dropped as usual).
+    A launch that asked for FSDP or DeepSpeed but would run another engine is refused (``hadapeft.check_engine``).
     """
 
     pairs = False  # see ConditioningCollator.pairs: True for preference trainers
@@ -104,6 +106,8 @@ class ConditionedTrainerMixin(SeamTrainer):
         # Before the trainer's __init__: TRL prepares the datasets in it (see hadapeft.trl.SFTTrainer).
         self.conditioning_columns = conditioning_columns(model, kwargs.get("peft_config"))
         super().__init__(model, *args, **kwargs)
+        # An FSDP / DeepSpeed launch that accelerate turned into plain DDP (e.g. on CPU) stops here, saying why.
+        check_engine(self.accelerator, self.args)
         if self.conditioning_columns:
             self.data_collator = ConditioningCollator(self.data_collator, self.conditioning_columns, self.pairs)
             if self.data_collator.padded_packed_rows and "flash" in attn_implementation(self.model):

@@ -72,6 +72,8 @@ PRIVATE_HOOKS: tuple[Hook, ...] = (
     # --- trainers (seam/trainer.py): dataset columns and TRL's dataset preparation ---
     Hook("transformers", "Trainer._set_signature_columns_if_needed", "keep the task_ids / task_embeds columns "
          "(it fills the instance attribute _signature_columns)"),
+    Hook("transformers", "PreTrainedModel._no_split_modules", "transformer block classes: hadapeft's FSDP wrap policy "
+         "makes each block a unit, as peft's and accelerate's policies do"),
     Hook("transformers", "PreTrainedConfig._attn_implementation", "padded rows of packed sequences need an "
          "attention that masks documents apart by position ids (not flash attention)"),
     Hook("trl", "SFTTrainer._set_signature_columns_if_needed", "TRL keeps a fixed column list", optional=True),
@@ -118,6 +120,15 @@ def dequantize_bnb_weight(weight, state=None):
 def attn_implementation(model) -> str:
     """The attention a transformers model runs: "sdpa", "eager", "flash_attention_2", ... ("" if not set)."""
     return str(getattr(model.config, "_attn_implementation", None) or "")
+
+
+def no_split_class_names(model) -> set[str]:
+    """Class names of the blocks (transformer layers) that a transformers model must not split across devices or FSDP
+    units: the union of its modules' ``_no_split_modules``, as peft's and accelerate's wrap policies read it."""
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return names
 
 
 def peft_config_class(peft_type):
