@@ -252,6 +252,9 @@ def main(argv=None) -> None:
         if args.engine.startswith("zero"):
             import deepspeed
 
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (C++, ~2 minutes on a fresh machine)
+            # before using gloo anyway for what it cannot do; plain gloo is enough for 2 tiny processes.
+            deepspeed.ops.__compatible_ops__.update({k: False for k in deepspeed.ops.__compatible_ops__ if "shm" in k})
             deepspeed.init_distributed(dist_backend="gloo")
         else:
             torch.distributed.init_process_group("gloo")

@@ -482,9 +482,9 @@ def test_hypernetwork_runs_once_per_forward_with_the_same_gradients(option, monk
         if not batched:
             monkeypatch.setattr(type(model.base_model), "prepare", lambda self: None)
         calls = []
-        original = HyperNet.modulations
-        monkeypatch.setattr(HyperNet, "modulations", lambda self, c, pairs: calls.append(len(pairs)) or
-                            original(self, c, pairs))
+        original = HyperNet.forward
+        monkeypatch.setattr(HyperNet, "forward", lambda self, task, pairs: calls.append(len(pairs)) or
+                            original(self, task, pairs))
         out = model(**inputs, **cond(option, MIXED)).logits
         out.pow(2).mean().backward()
         layers = len(hada_layers(model))

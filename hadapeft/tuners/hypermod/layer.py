@@ -48,16 +48,12 @@ class HyperNet(nn.Module):
             self.shapes[key] = (d_in, d_out)
         return key
 
-    def modulations(self, cond: Conditioning, pairs) -> dict:
-        """(layer, kind) -> (scales, β) for every pair: ``((v_1, u_1), ..., (v_r, u_r))`` with v_i (B, d_in),
-        u_i (B, d_out), and β (B, d_out), in fp32. Runs through ``self(...)``, so that engines that shard the net
-        (FSDP1 / FSDP2 units, whatever the wrap policy) gather its weights in their forward hooks."""
-        return self(cond.task_ids if self.by_id else cond.task_embeds, list(pairs))
-
-    def forward(self, task: torch.Tensor, pairs: list) -> dict:
-        """The batched computation: ``task`` is the task ids (B,) or the conditioning vectors (B, task_embed_dim);
-        one MLP pass for all pairs, one head pass per kind. Every weight is used through a module call or inside
-        this forward, never read from outside it (a unit's weights are only gathered while its forward runs)."""
+    def forward(self, task: torch.Tensor, pairs: list) -> list:
+        """The batched computation (call it through :func:`modulations`): ``task`` is the task ids (B,) or the
+        conditioning vectors (B, task_embed_dim); one MLP pass for all pairs, one head pass per kind. Returns
+        ``(scales, β)`` per pair, in order (a list: engines walk the outputs, and DeepSpeed expects string keys in a
+        dict). Every weight is used through a module call or inside this forward, never read from outside it (an
+        FSDP / ZeRO-3 unit's weights are gathered only while its forward runs)."""
         kinds = self.kind_table(pairs)  # (P, e)
         z = self.task(task.to(kinds.device, kinds.dtype if task.is_floating_point() else task.dtype))  # (B, e)
         B, P = z.shape[0], len(pairs)
@@ -65,7 +61,7 @@ class HyperNet(nn.Module):
         inp = torch.cat([z.unsqueeze(0).expand(P, B, -1), self.layer(layers).unsqueeze(1).expand(P, B, -1),
                          kinds.unsqueeze(1).expand(P, B, -1)], dim=-1)  # (P, B, 3e)
         h = self.mlp(inp)  # (P, B, H)
-        out = {}
+        out = [None] * P
         r = self.rank
         for kind in dict.fromkeys(k for _, k in pairs):
             at = [i for i, (_, k) in enumerate(pairs) if k == kind]
@@ -76,12 +72,21 @@ class HyperNet(nn.Module):
             us = (parts[0] + 1, *parts[1:r])
             vs = tuple(v + 1 for v in parts[r:2 * r])
             for j, i in enumerate(at):
-                out[pairs[i]] = (tuple((v[j], u[j]) for v, u in zip(vs, us)), parts[-1][j])
+                out[i] = (tuple((v[j], u[j]) for v, u in zip(vs, us)), parts[-1][j])
         return out
 
     def kind_table(self, pairs) -> torch.Tensor:
         """(P, e): the kind vector of each pair (parameters of this module itself: read inside its forward)."""
         return torch.stack([self.kind[kind] for _, kind in pairs])
+
+
+def modulations(net: nn.Module, cond: Conditioning, pairs) -> dict:
+    """(layer, kind) -> (scales, β) for every pair: ``((v_1, u_1), ..., (v_r, u_r))`` with v_i (B, d_in),
+    u_i (B, d_out), and β (B, d_out), in fp32. ``net`` is the :class:`HyperNet` as the tuner holds it, possibly
+    wrapped by an engine (an FSDP1 unit replaces it in the tuner's ModuleDict): it is called, so that the wrapper's
+    forward gathers the weights — a method of the inner module would bypass the wrapper."""
+    pairs = list(pairs)
+    return dict(zip(pairs, net(cond.task_ids if net.by_id else cond.task_embeds, pairs)))
 
 
 class HyperModLinear(HadaLayer):
@@ -117,6 +122,6 @@ class HyperModLinear(HadaLayer):
         else:
             use = shared is not None and shared[0] == torch.is_grad_enabled() and key in shared[1]
             decided[id(self)] = use
-        scales, beta = shared[1][key] if use else self.shared.modules[name].modulations(cond, [key])[key]
+        scales, beta = shared[1][key] if use else modulations(self.shared.modules[name], cond, [key])[key]
         return Modulation(scales=scales, shift=beta,
                           rows=cond.sample_rows, scale_bias=False, per_sample=True)

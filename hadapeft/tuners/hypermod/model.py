@@ -8,7 +8,7 @@ import torch
 from ...core.model import HadaModel
 from ...core.targets import ATTENTION
 from ...errors import ConditioningError, TargetModuleError
-from .layer import HyperModLinear, HyperNet
+from .layer import HyperModLinear, HyperNet, modulations
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -79,7 +79,7 @@ class HyperModModel(HadaModel):
                 cond = state.current(name)
             except ConditioningError:  # no conditioning: the layers say so, if they need it
                 continue
-            cond.shared[("hypermod", name)] = (torch.is_grad_enabled(), net.modulations(cond, net.pairs))
+            cond.shared[("hypermod", name)] = (torch.is_grad_enabled(), modulations(net, cond, net.pairs))
             cond.shared.pop(("hypermod-use", name), None)
 
 
