@@ -70,7 +70,10 @@ def requested_engine(args=None, environ=None) -> Optional[str]:
     DeepSpeed config (it sets ``ACCELERATE_USE_FSDP`` / ``ACCELERATE_USE_DEEPSPEED``), or ``TrainingArguments``'
     ``fsdp`` / ``deepspeed`` fields (``args``)."""
     env = os.environ if environ is None else environ
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _TRUE or getattr(args, "deepspeed", None):
+    # TrainingArguments deletes ACCELERATE_USE_DEEPSPEED after reading it (into args.deepspeed_plugin); the launcher's
+    # other DeepSpeed variables stay.
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _TRUE or "ACCELERATE_DEEPSPEED_ZERO_STAGE" in env \
+            or getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
         return "deepspeed"
     if env.get("ACCELERATE_USE_FSDP", "").lower() in _TRUE or getattr(args, "fsdp", None):
         return "fsdp"

@@ -144,37 +144,48 @@ def test_check_engine_refuses_fsdp1_without_orig_params():
 
 TRAINER_SCRIPT = '''
 import sys
-import torch, transformers as tf
-import hadapeft
+import transformers as tf
 from hadapeft.trainer import ConditionedTrainerMixin
 import distributed_worker as worker
 
 class Trainer(ConditionedTrainerMixin, tf.Trainer):
     pass
 
-model = worker.build("film")
 data = [{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4], "task_ids": i % 3} for i in range(8)]
 args = tf.TrainingArguments(output_dir=sys.argv[1], use_cpu=True, per_device_train_batch_size=2, max_steps=1,
                             report_to=[], save_strategy="no")
-Trainer(model=model, args=args, train_dataset=data)
-print("TRAINER CREATED")
+Trainer(model=worker.build("film"), args=args, train_dataset=data)
+print("ENGINE STARTED")
+'''
+
+# A loop of one's own (the recipes): accelerate on the CPU skips the DeepSpeed the launch asked for.
+LOOP_SCRIPT = '''
+import accelerate
+import hadapeft
+
+hadapeft.check_engine(accelerate.Accelerator(cpu=True))
+print("ENGINE STARTED")
 '''
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["fsdp.yaml", "deepspeed_zero3.yaml"])
-def test_launch_with_an_engine_cpu_cannot_start_stops_with_a_clear_error(config, tmp_path):
-    """``accelerate launch --config_file recipes/accelerate/<config>`` on this CPU machine: accelerate would train
-    plain DDP (MULTI_CPU); the trainer (``ConditionedTrainerMixin``) stops the launch with an EngineError instead."""
-    script = tmp_path / "train.py"
-    script.write_text(TRAINER_SCRIPT)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "recipes" / "accelerate" / config), "--num_processes", "2", "--main_process_port",
-           str(_free_port()), str(script), str(tmp_path / "out")]
+@pytest.mark.parametrize("config,script", [("fsdp.yaml", TRAINER_SCRIPT), ("deepspeed_zero3.yaml", LOOP_SCRIPT)],
+                         ids=["fsdp-trainer", "deepspeed-loop"])
+def test_launch_with_an_engine_cpu_cannot_start_stops_with_a_clear_error(config, script, tmp_path):
+    """``accelerate launch --config_file recipes/accelerate/<config>`` with 2 processes on this CPU machine, where
+    accelerate would silently train plain DDP (MULTI_CPU): a Trainer with ``ConditionedTrainerMixin`` (FSDP config)
+    and a loop calling ``hadapeft.check_engine`` (DeepSpeed config, ``Accelerator(cpu=True)``) stop with an
+    EngineError that says why. (A Trainer with ``use_cpu=True`` does start DeepSpeed's CPU accelerator when deepspeed
+    is installed: that engine runs, and check_engine lets it.)"""
     if config.startswith("deepspeed") and not HAS_DEEPSPEED:
         pytest.skip("deepspeed is not installed (accelerate launch needs it for a DeepSpeed config)")
+    path = tmp_path / "train.py"
+    path.write_text(script)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "recipes" / "accelerate" / config), "--num_processes", "2", "--main_process_port",
+           str(_free_port()), str(path), str(tmp_path / "out")]
     run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     out = run.stdout + run.stderr
-    assert run.returncode != 0 and "TRAINER CREATED" not in out, out[-4000:]
+    assert run.returncode != 0 and "ENGINE STARTED" not in out, out[-4000:]
     name = "FSDP" if config.startswith("fsdp") else "DeepSpeed"
     assert f"EngineError: {name} was requested" in out and "would silently be MULTI_CPU" in out, out[-4000:]
