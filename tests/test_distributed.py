@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # fp32, 4 AdamW steps: the engines sum the same per-sample gradients in another order (all-reduce, reduce-scatter,
 # DeepSpeed's flat buffers), a few ulp apart; Adam turns that into parameter differences of ~1e-7 here.
 ATOL = 1e-5
+LOGITS_ATOL = 1e-4
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 MAX_DIFF: dict = {}  # (engine, case) -> max abs difference, printed at the end of the module (pytest -s)
 
@@ -100,7 +101,8 @@ def test_engine_matches_one_process(engine, reference, tmp_path):
             assert max((unclipped[k] - ref[k]).abs().max().item() for k in ref) > 100 * ATOL, name
         reloaded = PeftModel.from_pretrained(worker.base_model(), tmp_path / name)
         expected = PeftModel.from_pretrained(worker.base_model(), reference / ref_name)
-        torch.testing.assert_close(_logits(reloaded, kind), _logits(expected, kind), atol=1e-5, rtol=1e-5)
+        # adapter tensors ≤ ATOL apart move logits of magnitude ~1 by up to ~1.5e-5 (measured) through the layers
+        torch.testing.assert_close(_logits(reloaded, kind), _logits(expected, kind), atol=LOGITS_ATOL, rtol=0)
 
 
 def teardown_module(module):
@@ -108,6 +110,26 @@ def teardown_module(module):
         print("\nmax |adapter - 1-process adapter| per engine and case:")
         for (engine, name), diff in sorted(MAX_DIFF.items()):
             print(f"  {engine:6s} {name:24s} {diff:.3g}")
+
+
+# --- wrapped module paths -------------------------------------------------------------------------------------------
+def test_save_removes_wrapper_segments_anywhere_in_a_key(tmp_path):
+    """Module paths under activation checkpointing (``_checkpoint_wrapped_module``), torch.compile (``_orig_mod``)
+    and nested FSDP1 units (``_fsdp_wrapped_module``, the slow FSDP1 case above) hold wrapper segments mid-key, which
+    peft's selection misses: the saved adapter has the plain keys and reloads into an unwrapped model."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = worker.build("gated_lora")
+    plain = set(get_peft_model_state_dict(model))
+    layers = model.base_model.model.model.layers
+    layers[0] = torch.compile(layers[0])  # lazy: nothing is compiled unless it runs
+    layers[1] = checkpoint_wrapper(layers[1])
+    names = [n for n, _ in model.named_modules()]
+    assert any("._orig_mod." in n for n in names) and any("._checkpoint_wrapped_module." in n for n in names)
+    model.save_pretrained(tmp_path)
+    assert set(load_file(tmp_path / "adapter_model.safetensors")) == plain
+    reloaded = PeftModel.from_pretrained(worker.base_model(), tmp_path)
+    torch.testing.assert_close(_logits(reloaded, "gated_lora"), _logits(worker.build("gated_lora"), "gated_lora"))
 
 
 # --- an engine that would not run is refused ----------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Callable
 from .. import registry
 from ..errors import AdapterCheckpointError
 from ..safety import atomic_save, precheck_local_adapter, reading, save_folders
-from .hooks import adapter_state_keys
+from .hooks import adapter_state_keys, plain_key
 from .tuner import ModelUndo, holds_adapter
 
 
@@ -197,9 +197,10 @@ def _adapter_tensors(model, adapter_name: str, state=None) -> dict:
     dict; default ``model.state_dict()``)."""
     state = model.state_dict() if state is None else state
     tuner = type(model.base_model)
-    tensors = {tuner.checkpoint_key(k, adapter_name): state[k] for k in adapter_state_keys(model, adapter_name, state)}
+    tensors = {tuner.checkpoint_key(plain_key(k), adapter_name): state[k]
+               for k in adapter_state_keys(model, adapter_name, state)}
     marker = f".modules_to_save.{adapter_name}."
-    tensors.update({k.replace(marker, "."): v for k, v in state.items() if marker in k})
+    tensors.update({plain_key(k).replace(marker, "."): v for k, v in state.items() if marker in k})
     return tensors
 
 

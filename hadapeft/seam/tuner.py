@@ -46,9 +46,8 @@ class SeamTuner(BaseTuner):
 
     @classmethod
     def checkpoint_key(cls, key: str, adapter_name: str) -> str:
-        """Checkpoint key of model key ``key`` (the adapter name and wrapper segments removed, see
-        :func:`hadapeft.seam.hooks.plain_key`)."""
-        return BaseTuner._remove_adapter_name_from_key.__func__(cls, plain_key(key), adapter_name)
+        """Checkpoint key of model key ``key`` (the adapter name removed; callers remove wrapper segments first)."""
+        return BaseTuner._remove_adapter_name_from_key.__func__(cls, key, adapter_name)
 
     @classmethod
     def check_checkpoint(cls, model: nn.Module, config, adapter_name: str, state_dict: dict) -> None:
@@ -75,7 +74,10 @@ class SeamTuner(BaseTuner):
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key, adapter_name):
-        return cls.checkpoint_key(key, adapter_name)
+        # Saving maps model keys to checkpoint keys, loading builds the inverse from the model's keys: both without
+        # wrapper segments (FSDP1 units, checkpoint wrappers, torch.compile), so a checkpoint fits wrapped and plain
+        # models alike.
+        return cls.checkpoint_key(plain_key(key), adapter_name)
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
