@@ -30,7 +30,9 @@ def _units(model: nn.Module) -> tuple[type, ...]:
     names = no_split_class_names(model)
     classes = {type(m) for m in model.modules() if type(m).__name__ in names}
     for tuner in (m for m in model.modules() if isinstance(m, HadaModel)):
-        classes.update(type(shared) for shared in tuner.shared_modules.values())
+        # read without creating (the shared_modules property would add an empty container to every tuner)
+        shared = getattr(tuner, tuner.shared_name or f"{tuner.prefix}shared", None)
+        classes.update(type(module) for module in (shared.values() if shared is not None else ()))
     return tuple(sorted(classes, key=lambda c: c.__name__))
 
 
