@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from transformers import TrainingArguments
+
 from recipes import common
 
 DEFAULT_ADAPTER = {"type": "gated_lora", "r": 8, "lora_alpha": 16}
@@ -81,16 +83,12 @@ def build_trainer(model_args, adapter: Optional[dict], data_args, args, *, recip
     return trainer, run
 
 
-def training_arguments_class() -> type:
+@dataclass
+class ClassificationTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus ``trust_remote_code`` (which TRL's SFTConfig has, for the model and tokenizer)."""
-    from transformers import TrainingArguments
 
-    @dataclass
-    class ClassificationTrainingArguments(TrainingArguments):
-        trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
-
-    return ClassificationTrainingArguments
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
 
 
 def parse(name: str, data_cls: type, argv=None) -> tuple:
-    return common.parse(name, data_cls, training_arguments_class(), argv)
+    return common.parse(name, data_cls, ClassificationTrainingArguments, argv)

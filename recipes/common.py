@@ -37,7 +37,6 @@ TRAINING_DEFAULTS = {
     "per_device_train_batch_size": 8,  # the GLOBAL batch, with split_batches
     "per_device_eval_batch_size": 16,
     "accelerator_config": {"split_batches": True},  # one sampler, one global batch, cut per process
-    "dataloader_drop_last": True,  # every optimizer step sees a full global batch (evenly split on N processes)
     "logging_steps": 10,
     "save_total_limit": 2,
     "report_to": "none",  # TensorBoard, W&B, ...: `--report_to tensorboard` once installed

@@ -118,8 +118,13 @@ def build_trainer(model_args, adapter: Optional[dict], data_args: ImageDataArgum
         processor=processor)
 
 
+def parse(argv=None) -> tuple:
+    """(ModelArguments, AdapterArguments, ImageDataArguments, TrainingArguments) from ``--config`` and flags."""
+    return classification.parse(NAME, ImageDataArguments, argv)
+
+
 def main(argv=None) -> common.Result:
-    model_args, adapter_args, data_args, args = classification.parse(NAME, ImageDataArguments, argv)
+    model_args, adapter_args, data_args, args = parse(argv)
     trainer, run = build_trainer(model_args, adapter_args.adapter, data_args, args)
     return common.fit(trainer, run)
 

@@ -62,8 +62,13 @@ def build_trainer(model_args, adapter: Optional[dict], data_args: MultiTaskDataA
                              DEFAULT_ADAPTER, NAME, {"tasks": tasks})
 
 
+def parse(argv=None) -> tuple:
+    """(ModelArguments, AdapterArguments, MultiTaskDataArguments, trl.SFTConfig) from ``--config`` and flags."""
+    return sft.parse(argv, MultiTaskDataArguments, NAME)
+
+
 def main(argv=None) -> common.Result:
-    model_args, adapter_args, data_args, args = sft.parse(argv, MultiTaskDataArguments, NAME)
+    model_args, adapter_args, data_args, args = parse(argv)
     trainer, run = build_trainer(model_args, adapter_args.adapter, data_args, args)
     return common.fit(trainer, run)
 

@@ -72,8 +72,13 @@ def build_trainer(model_args, adapter: Optional[dict], data_args: SeqClsDataArgu
         processor=tok, overrides={"pad_token_id": tok.pad_token_id})
 
 
+def parse(argv=None) -> tuple:
+    """(ModelArguments, AdapterArguments, SeqClsDataArguments, TrainingArguments) from ``--config`` and flags."""
+    return classification.parse(NAME, SeqClsDataArguments, argv)
+
+
 def main(argv=None) -> common.Result:
-    model_args, adapter_args, data_args, args = classification.parse(NAME, SeqClsDataArguments, argv)
+    model_args, adapter_args, data_args, args = parse(argv)
     trainer, run = build_trainer(model_args, adapter_args.adapter, data_args, args)
     return common.fit(trainer, run)
 

@@ -101,6 +101,7 @@ def build_trainer(model_args: common.ModelArguments, adapter: Optional[dict], da
 
 
 def parse(argv=None, data_cls=SFTDataArguments, name: str = NAME) -> tuple:
+    """(ModelArguments, AdapterArguments, ``data_cls``, trl.SFTConfig) from ``--config`` and flags."""
     from trl import SFTConfig
 
     # assistant_only_loss: None until the data says (chat rows: on)

@@ -130,7 +130,7 @@ def trained(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     assets = make_assets(root / "assets")
     values = {**smoke_values(assets, "sft", str(root / "run"), {"type": "gated_lora", "r": 4}, steps=4),
-              "train.save_steps": 2}
+              "save_steps": 2}
     with restored_globals():
         run_recipe("sft", values)
     return root / "run"
@@ -153,7 +153,7 @@ def test_push_dry_run_writes_the_upload_and_reloads_in_a_fresh_process(trained, 
     res = push_to_hub.main([str(trained), "--repo-id", "someone/tiny-sft", "--dry-run", str(out),
                             "--base-model-id", "someone/tiny-llama"])
     printed = capsys.readouterr().out
-    assert "loads onto" in printed and "not uploaded: base_model/, checkpoint-2/, config.yaml, log.jsonl" in printed
+    assert "loads onto" in printed and "not uploaded: base_model/, checkpoint-2/, config.yaml, log.jsonl, training_args.bin" in printed
     assert set(res["files"]) == UPLOADED == {p.name for p in out.iterdir()}
     card = (out / "README.md").read_text()
     meta = _front_matter(card)
