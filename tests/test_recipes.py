@@ -413,7 +413,10 @@ def test_two_processes_match_one_process_for_every_adapter_type(assets, tmp_path
     uneven_eval = {"eval_size": 9, "per_device_eval_batch_size": 2, "eval_strategy": "steps", "eval_steps": 3}
     cases = [("sft", {**smoke_values(assets, "sft", "", {"type": "gated_lora", "r": 4}), **uneven_eval}),
              ("sft", smoke_values(assets, "sft", "", {"type": "hada_ia3"})),
-             ("seq_cls", {**smoke_values(assets, "seq_cls", "", {"type": "gated_lora", "r": 4}), **uneven_eval})]
+             # 28 training rows: the epoch's last global batch (4) still splits evenly. With an uneven one accelerate
+             # (even_batches) repeats samples on N processes; dataloader_drop_last avoids that.
+             ("seq_cls", {**smoke_values(assets, "seq_cls", "", {"type": "gated_lora", "r": 4}),
+                          **uneven_eval, "eval_size": 8})]
     if CONDITIONED:
         cases += [("multitask", smoke_values(assets, "multitask", "", {"type": t})) for t in ("film", "hypermod")]
     configs = []
