@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from recipes import common
 
@@ -62,20 +62,22 @@ def build_classifier(model_args: common.ModelArguments, args, auto_class: str, n
                                   FROM_PRETRAINED_KWARGS)
 
 
+class ClassificationTrainer(common.WholeBatchesMixin, Trainer):
+    """``transformers.Trainer`` with the recipes' batches (``common.WholeBatchesMixin``)."""
+
+
 def build_trainer(model_args, adapter: Optional[dict], data_args, args, *, recipe: str, auto_class: str,
                   names: list[str], train: list[dict], held: list[dict], collator: Callable,
                   task_type: Optional[str] = None, adapter_defaults: Optional[dict] = None, processor=None,
                   overrides: Optional[dict] = None, trainer_cls=None):
     """(``transformers.Trainer``, RunInfo) training an adapter and a fresh head on encoded examples (dicts with
     ``labels``), evaluated with loss and accuracy."""
-    import transformers
-
     if not held:
         args.eval_strategy = "no"
     model, overrides = build_classifier(model_args, args, auto_class, names, overrides)
     block = common.adapter_block(adapter, DEFAULT_ADAPTER)
     model = common.add_adapter(model, common.adapter_config(block, task_type, adapter_defaults), args.seed)
-    trainer = (trainer_cls or transformers.Trainer)(
+    trainer = (trainer_cls or ClassificationTrainer)(
         model=model, args=args, train_dataset=train, eval_dataset=held or None, data_collator=collator,
         processing_class=processor, compute_metrics=accuracy)
     run = common.RunInfo(recipe, auto_class, model_args, block, data_args, overrides, FROM_PRETRAINED_KWARGS,

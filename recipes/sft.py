@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import hadapeft
 from recipes import common
 
 NAME = "sft"
@@ -58,6 +59,10 @@ def to_trl_rows(rows: list[dict], d: SFTDataArguments, where: str) -> list[dict]
     return out
 
 
+class SFTTrainer(common.WholeBatchesMixin, hadapeft.SFTTrainer):
+    """``hadapeft.SFTTrainer`` (TRL's, with conditioning) with the recipes' batches (``common.WholeBatchesMixin``)."""
+
+
 def build_trainer(model_args: common.ModelArguments, adapter: Optional[dict], data_args: SFTDataArguments, args,
                   train_rows: Optional[list] = None, eval_data=None, adapter_defaults: Optional[dict] = None,
                   default_adapter: Optional[dict] = None, recipe: str = NAME, data_info: Optional[dict] = None):
@@ -66,16 +71,18 @@ def build_trainer(model_args: common.ModelArguments, adapter: Optional[dict], da
     fields the config leaves out (``num_tasks``)."""
     import datasets
 
-    import hadapeft
-
     if train_rows is None:
         train_rows, eval_data = common.read_splits(data_args, args.seed)
     tok = common.load_tokenizer(model_args, args)
     if data_args.chat_template:
         tok.chat_template = data_args.chat_template
     train_rows = to_trl_rows(train_rows, data_args, "train")
+    chat = "messages" in train_rows[0]
     if args.assistant_only_loss is None:  # loss on the answers, as for prompt/completion rows
-        args.assistant_only_loss = "messages" in train_rows[0]
+        args.assistant_only_loss = chat
+    if not chat and args.eos_token is None and tok.eos_token is None:  # TRL appends it to each completion / text
+        raise common.ConfigError(f"the tokenizer of {model_args.tokenizer_name_or_path or model_args.model_name_or_path}"
+                                 f" has no EOS token: set eos_token to one of its tokens (e.g. [SEP] for BERT's)")
 
     def dataset(rows, where):
         return datasets.Dataset.from_list(to_trl_rows(rows, data_args, where)) if rows else None
@@ -93,8 +100,8 @@ def build_trainer(model_args: common.ModelArguments, adapter: Optional[dict], da
     block = common.adapter_block(adapter, default_adapter or DEFAULT_ADAPTER)
     peft_config = common.adapter_config(block, "CAUSAL_LM", adapter_defaults)
     model = common.add_adapter(model, peft_config, args.seed)
-    trainer = hadapeft.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train_rows),
-                                  eval_dataset=eval_dataset, processing_class=tok)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train_rows),
+                         eval_dataset=eval_dataset, processing_class=tok)
     run = common.RunInfo(recipe, "AutoModelForCausalLM", model_args, block, data_args, overrides,
                          data_info=data_info or {})
     return trainer, run
