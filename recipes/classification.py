@@ -63,7 +63,17 @@ def build_classifier(model_args: common.ModelArguments, args, auto_class: str, n
 
 
 class ClassificationTrainer(common.WholeBatchesMixin, Trainer):
-    """``transformers.Trainer`` with the recipes' batches (``common.WholeBatchesMixin``)."""
+    """``transformers.Trainer`` with the recipes' batches (``common.WholeBatchesMixin``), told that the heads' loss is
+    a mean over the process's samples.
+
+    The classification models' ``forward`` takes ``**kwargs``, so the Trainer takes their loss for one normalized by
+    ``num_items_in_batch`` (a sum over the global batch's tokens): it multiplies it by the number of processes and
+    skips its division by ``gradient_accumulation_steps``. Their cross-entropy is a plain mean and ignores that count,
+    so the gradients came out N (processes) x accumulation steps too large (measured: exactly 2x on 2 processes)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # per-sample mean: DDP's average and the 1/accumulation are right
 
 
 def build_trainer(model_args, adapter: Optional[dict], data_args, args, *, recipe: str, auto_class: str,
