@@ -26,7 +26,8 @@ def install_lines(wheel: Optional[str], repo_id: Optional[str]) -> list[str]:
     """How to install hadapeft (it is not on PyPI): the wheel uploaded next to the adapter (``scripts/push_to_hub``),
     else the checkout this adapter was trained with."""
     if wheel and repo_id:
-        return [f"pip install https://huggingface.co/{repo_id}/resolve/main/{wheel}"]
+        return [f"pip install https://huggingface.co/{repo_id}/resolve/main/{wheel}",
+                f"# or, in a download of this repository: pip install ./{wheel}"]
     if wheel:
         return [f"pip install ./{wheel}  # the wheel next to this README"]
     import hadapeft
@@ -83,8 +84,8 @@ def render_model_card(adapter_dir, repo_id: Optional[str] = None, base_model_id:
     lines = [
         "---", meta.to_yaml(), "---", "",
         f"# {name}", "",
-        f"A **{kind}** adapter from [hadapeft](https://pypi.org/project/hadapeft/) (Hadamard-product adapters for "
-        f"HuggingFace PEFT) on {about_base}.",
+        f"A **{kind}** adapter from hadapeft (Hadamard-product adapters for HuggingFace PEFT, installed as shown "
+        f"below) on {about_base}.",
         "",
         "## How to load", "",
         "```bash", *install_lines(wheel, repo_id), "```", "",

@@ -406,13 +406,17 @@ def test_two_processes_match_one_process_for_every_adapter_type(assets, tmp_path
     moved it."""
     from safetensors.torch import load_file
 
-    # 6 steps of 8 rows cross an epoch end in every case: 31 (sft), 32 (sft, hada_ia3), 27 (seq_cls) and 36
+    # 6 steps of 8 rows cross an epoch end in every case: 31 (sft), 32 (sft, hada_ia3), 28 (seq_cls) and 36
     # (multitask) training rows. The incomplete last batch is dropped on 1 and 2 processes alike (the recipes'
     # dataloader_drop_last); kept, accelerate filled it with repeated rows on 2 processes (measured 1.5e-2 apart).
     uneven_eval = {"eval_size": 9, "per_device_eval_batch_size": 2, "eval_strategy": "steps", "eval_steps": 3}
     cases = [("sft", {**smoke_values(assets, "sft", "", {"type": "gated_lora", "r": 4}), **uneven_eval}),
              ("sft", smoke_values(assets, "sft", "", {"type": "hada_ia3"})),
-             ("seq_cls", {**smoke_values(assets, "seq_cls", "", {"type": "gated_lora", "r": 4}), **uneven_eval})]
+             # 8 eval rows: with split_batches the Trainer (transformers 5.25, evaluation_loop) repeats each process's
+             # eval loss by the GLOBAL eval batch size, so an eval set with an incomplete last batch weights its last
+             # rows half on 2 processes (measured 1.1178 vs 1.1203 for 9 rows); accuracy is unaffected.
+             ("seq_cls", {**smoke_values(assets, "seq_cls", "", {"type": "gated_lora", "r": 4}), **uneven_eval,
+                          "eval_size": 8})]
     if CONDITIONED:
         cases += [("multitask", smoke_values(assets, "multitask", "", {"type": t})) for t in ("film", "hypermod")]
     configs = []
