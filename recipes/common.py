@@ -358,6 +358,16 @@ def complete_checkpoints(out) -> list[Path]:
 _NOT_COMPARED = {"base_model_name_or_path", "revision", "inference_mode", "peft_version", "runtime_config"}
 
 
+def _comparable(config: dict) -> dict:
+    """An adapter config as JSON values, sets (``target_modules``) as sorted lists: peft saves a set as a list in
+    whatever order the set iterates."""
+    def value(v):
+        return sorted(v, key=str) if isinstance(v, (set, frozenset)) else str(v)
+
+    return {k: sorted(v, key=str) if isinstance(v, list) else v
+            for k, v in json.loads(json.dumps(config, default=value)).items()}
+
+
 def resume_checkpoint(args, model) -> Optional[str]:
     """The checkpoint to resume from: ``resume_from_checkpoint`` unset or ``auto``: the newest complete one in
     ``output_dir`` if any; ``last``/``true``: that one, which must exist; ``false``/``no``: none (older checkpoints
@@ -383,8 +393,8 @@ def resume_checkpoint(args, model) -> Optional[str]:
             raise ConfigError(f"resume_from_checkpoint={mode}: not a complete checkpoint folder "
                               f"(no trainer_state.json)")
     saved_file = chosen / "adapter_config.json"
-    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {}
-    wanted = json.loads(json.dumps(model.peft_config[model.active_adapter].to_dict(), default=str))
+    saved = _comparable(json.loads(saved_file.read_text()) if saved_file.is_file() else {})
+    wanted = _comparable(model.peft_config[model.active_adapter].to_dict())
     differ = sorted(k for k in set(saved) | set(wanted) if k not in _NOT_COMPARED and saved.get(k) != wanted.get(k))
     if differ:
         what = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now" for k in differ[:4])
