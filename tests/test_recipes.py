@@ -345,6 +345,24 @@ def _task_ids(models: list, name: str):
         yield
 
 
+def test_classification_loss_is_a_per_sample_mean_under_accumulation(assets, tmp_path, _restore_globals):
+    """Batches of 4 accumulated twice train the seq_cls adapter as batches of 8 do: the head's loss is a mean over
+    the samples, so the Trainer must divide it by the accumulation steps (it did not: the model's forward takes
+    ``**kwargs``, which it took for a loss normalized by the global count)."""
+    from safetensors.torch import load_file
+
+    # 32 training rows: 4 steps an epoch either way, the same seeded order, the same samples in each step.
+    values = {**smoke_values(assets, "seq_cls", "", {"type": "gated_lora", "r": 4}, steps=4), "eval_size": 4}
+    whole = run_recipe("seq_cls", {**values, "output_dir": str(tmp_path / "whole")})
+    halves = run_recipe("seq_cls", {**values, "output_dir": str(tmp_path / "halves"),
+                                    "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2})
+    assert whole.step == halves.step == 4
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("whole", "halves"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+
+
 @pytest.mark.parametrize("layout", BNB_LAYOUTS)
 def test_qlora_variant_trains_on_a_4bit_base(assets, tmp_path, _restore_globals, monkeypatch, layout):
     """QLoRA with an evaluation after every step, in both of bitsandbytes' CPU layouts of 4-bit weights (evaluating
