@@ -22,9 +22,28 @@ def _is_hub_id(name: Optional[str]) -> bool:
     return bool(name) and not Path(name).exists() and not name.startswith((".", "/")) and name.count("/") <= 1
 
 
-def render_model_card(adapter_dir, repo_id: Optional[str] = None, base_model_id: Optional[str] = None) -> str:
+def install_lines(wheel: Optional[str], repo_id: Optional[str]) -> list[str]:
+    """How to install hadapeft (it is not on PyPI): the wheel uploaded next to the adapter (``scripts/push_to_hub``),
+    else the checkout this adapter was trained with."""
+    if wheel and repo_id:
+        return [f"pip install https://huggingface.co/{repo_id}/resolve/main/{wheel}",
+                f"# or, in a download of this repository: pip install ./{wheel}"]
+    if wheel:
+        return [f"pip install ./{wheel}  # the wheel next to this README"]
+    import hadapeft
+
+    checkout = Path(hadapeft.__file__).resolve().parents[1]
+    where = str(checkout) if (checkout / "pyproject.toml").is_file() else "path/to/hadapeft-checkout"
+    return [f"pip install {where}  # hadapeft is not on PyPI: the checkout it was trained with "
+            "(scripts/push_to_hub.py uploads a wheel)"]
+
+
+def render_model_card(adapter_dir, repo_id: Optional[str] = None, base_model_id: Optional[str] = None,
+                      wheel: Optional[str] = None, base_shipped: bool = False) -> str:
     """README.md text for ``adapter_dir``. ``base_model_id``: the base's Hub id, when the adapter config names a local
-    folder (the ``base_model`` metadata must be a Hub id; a local path is only mentioned in the text)."""
+    folder (the ``base_model`` metadata must be a Hub id; a local path is only mentioned in the text). ``wheel``: the
+    file name of a hadapeft wheel next to the adapter. ``base_shipped``: the (randomly built) base model travels in
+    the ``base_model/`` sub-folder."""
     import peft
     import torch
     import transformers
@@ -49,22 +68,36 @@ def render_model_card(adapter_dir, repo_id: Optional[str] = None, base_model_id:
 
     conditioned = cfg.get("num_tasks") or cfg.get("task_embed_dim")
     load_args = "".join(f", {k}={v!r}" for k, v in overrides.items())
+    folder = repo_id or str(adapter_dir)
+    if hub_base:
+        about_base, fetch, base_src, adapter_src = f"[`{hub_base}`](https://huggingface.co/{hub_base})", [], \
+            repr(hub_base), repr(folder)
+    elif base_shipped or (adapter_dir / "base_model").is_dir():
+        about_base = "a randomly initialised base model, shipped with it in `base_model/`"
+        fetch = ([f"folder = snapshot_download({repo_id!r})  # the adapter and its base_model/"] if repo_id
+                 else [f"folder = {str(adapter_dir)!r}"])
+        base_src, adapter_src = 'f"{folder}/base_model"', "folder"
+    else:
+        about_base = f"the base model `{base}` (a local folder: name its Hub id with scripts/push_to_hub.py " \
+                     f"--base-model-id)"
+        fetch, base_src, adapter_src = [], repr(base), repr(folder)
     lines = [
         "---", meta.to_yaml(), "---", "",
         f"# {name}", "",
-        f"A **{kind}** adapter from [hadapeft](https://pypi.org/project/hadapeft/) (Hadamard-product adapters for "
-        f"HuggingFace PEFT) on " + (f"[`{hub_base}`](https://huggingface.co/{hub_base})" if hub_base
-                                     else f"the base model `{base}` (a local folder)") + ".",
+        f"A **{kind}** adapter from hadapeft (Hadamard-product adapters for HuggingFace PEFT, installed as shown "
+        f"below) on {about_base}.",
         "",
         "## How to load", "",
-        "```bash", "pip install hadapeft", "```", "",
+        "```bash", *install_lines(wheel, repo_id), "```", "",
         "```python",
         *(["import torch"] if conditioned else []),
         "import hadapeft  # registers hadapeft's adapter types with peft: needed before loading",
+        *(["from huggingface_hub import snapshot_download"] if fetch and repo_id else []),
         "from peft import PeftModel",
         f"from transformers import {auto_class}", "",
-        f"base = {auto_class}.from_pretrained({(hub_base or base)!r}{load_args})",
-        f"model = PeftModel.from_pretrained(base, {(repo_id or str(adapter_dir))!r})",
+        *fetch,
+        f"base = {auto_class}.from_pretrained({base_src}{load_args})",
+        f"model = PeftModel.from_pretrained(base, {adapter_src})",
     ]
     if conditioned:
         lines += ["", "# conditioned adapter: one task id per sample",
@@ -82,8 +115,8 @@ def render_model_card(adapter_dir, repo_id: Optional[str] = None, base_model_id:
         train = info.get("config", {}).get("train", {})
         lines += ["", "## Training", "",
                   f"Trained with the hadapeft recipe `{info.get('recipe')}` for {info.get('steps')} optimizer steps "
-                  f"(global batch {train.get('batch_size')}, lr {train.get('lr')}, {train.get('lr_scheduler')} "
-                  f"schedule)."]
+                  f"(global batch {info.get('global_batch')}, learning rate {train.get('learning_rate')}, "
+                  f"{train.get('lr_scheduler_type')} schedule)."]
         labels = (info.get("data_info") or {}).get("labels")
         if labels:
             lines += ["", "Labels: " + ", ".join(f"`{i}` = {l}" for i, l in enumerate(labels)) + "."]
@@ -104,7 +137,7 @@ def _show(value) -> str:
 
 
 def write_model_card(adapter_dir, repo_id: Optional[str] = None, base_model_id: Optional[str] = None,
-                     path=None) -> Path:
+                     path=None, wheel: Optional[str] = None, base_shipped: bool = False) -> Path:
     path = Path(path or Path(adapter_dir) / "README.md")
-    path.write_text(render_model_card(adapter_dir, repo_id, base_model_id))
+    path.write_text(render_model_card(adapter_dir, repo_id, base_model_id, wheel, base_shipped))
     return path

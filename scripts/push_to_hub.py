@@ -5,11 +5,12 @@
 
 Steps: (1) check that the adapter loads onto its base model (``adapter_config.json``'s base_model_name_or_path, or
 ``--base-model``) and gives finite outputs; (2) stage the files to upload -- the adapter weights and config (and any
-named sub-adapters), the tokenizer / image processor, ``hadapeft_training.json``, and a freshly written README.md
-model card (YAML front matter with base_model, ``library_name: peft`` and tags incl. ``hadapeft`` and the adapter
-type; how to load it) -- leaving out checkpoints, logs and a locally built base model; (3) ``HfApi.create_repo``
-(``exist_ok``) and ``HfApi.upload_folder`` of exactly the staged folder. ``--dry-run OUT_DIR`` stops after (2) with
-the staged folder at OUT_DIR.
+named sub-adapters), the tokenizer / image processor, ``hadapeft_training.json``, a hadapeft wheel built from the
+checkout in use (hadapeft is not on PyPI: the card installs it from the Hub), the recipe's randomly built base model
+(``base_model/``) when there is no ``--base-model-id``, and a freshly written README.md model card (YAML front matter
+with base_model, ``library_name: peft`` and tags incl. ``hadapeft`` and the adapter type; how to install and load
+it) -- leaving out checkpoints and logs; (3) ``HfApi.create_repo`` (``exist_ok``) and ``HfApi.upload_folder`` of
+exactly the staged folder. ``--dry-run OUT_DIR`` stops after (2) with the staged folder at OUT_DIR.
 
 Authentication is huggingface_hub's own (``hf auth login``, or ``HF_TOKEN``); the token is never printed.
 ``HF_ENDPOINT`` selects another Hub endpoint (a mirror, or a local test server).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +35,11 @@ UPLOADED = {
     "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
     "chat_template.json", "preprocessor_config.json", "processor_config.json", "image_processor_config.json",
 }
+BASE_DIR = "base_model"  # where the recipes save a randomly built base (random_init)
+# What building the wheel copies of the checkout: all but these (a build in the checkout itself would leave build/
+# and *.egg-info there, and setuptools puts stale files of an old build/ into the wheel).
+NOT_BUILT = shutil.ignore_patterns(".git", ".venv", "runs", "build", "dist", "*.egg-info", "__pycache__",
+                                   ".pytest_cache", ".hypothesis", "tmp")
 
 
 def check_loads(adapter_dir: str, base_model: str | None) -> str:
@@ -65,23 +72,51 @@ def check_loads(adapter_dir: str, base_model: str | None) -> str:
     return base
 
 
+def build_wheel(dest: Path) -> str:
+    """Build the wheel of the hadapeft checkout in use into ``dest`` (``pip wheel --no-deps``, with the build backend
+    of this environment, so offline too); returns its file name."""
+    import hadapeft
+
+    root = Path(hadapeft.__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        raise SystemExit(f"error: hadapeft is imported from {root}, which is no source checkout (no pyproject.toml): "
+                         f"run push_to_hub from a checkout, so that its wheel can be built and uploaded")
+    with tempfile.TemporaryDirectory(prefix="hadapeft-wheel-") as tmp:
+        src, out = Path(tmp) / "src", Path(tmp) / "wheel"
+        shutil.copytree(root, src, ignore=NOT_BUILT)
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(out),
+               str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(out.glob("hadapeft-*.whl")) if proc.returncode == 0 else []
+        if len(wheels) != 1:
+            raise SystemExit(f"error: building hadapeft's wheel failed (pip wheel --no-deps --no-build-isolation "
+                             f"{root}; needs setuptools>=77 here):\n{(proc.stdout + proc.stderr)[-3000:]}")
+        shutil.copy2(wheels[0], dest / wheels[0].name)
+    return wheels[0].name
+
+
 def stage(adapter_dir: str, dest: Path, repo_id: str, base_model_id: str | None) -> list[str]:
-    """Copy the files to upload into ``dest`` (created; must be empty) and write the model card there."""
+    """Copy the files to upload into ``dest`` (created; must be empty): the adapter's, hadapeft's wheel, the
+    recipe-built base model unless ``base_model_id`` names one on the Hub; and write the model card there."""
     from recipes.modelcard import write_model_card
 
     src = Path(adapter_dir)
     if dest.exists() and any(dest.iterdir()):
         raise SystemExit(f"error: {dest} is not empty; pass a new folder to --dry-run")
     dest.mkdir(parents=True, exist_ok=True)
+    ship_base = not base_model_id and (src / BASE_DIR / "config.json").is_file()
     left_out = []
     for item in sorted(src.iterdir()):
         if item.is_file() and item.name in UPLOADED:
             shutil.copy2(item, dest / item.name)
         elif item.is_dir() and (item / "adapter_config.json").is_file() and not item.name.startswith("checkpoint-"):
             shutil.copytree(item, dest / item.name)  # a named adapter saved by peft in its own sub-folder
+        elif item.name == BASE_DIR and ship_base:
+            shutil.copytree(item, dest / item.name)  # the randomly built base: others cannot get it elsewhere
         elif item.name != "README.md":
             left_out.append(item.name + ("/" if item.is_dir() else ""))
-    write_model_card(dest, repo_id=repo_id, base_model_id=base_model_id)
+    wheel = build_wheel(dest)
+    write_model_card(dest, repo_id=repo_id, base_model_id=base_model_id, wheel=wheel, base_shipped=ship_base)
     if left_out:
         print(f"not uploaded: {', '.join(left_out)}")
     return sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
@@ -96,7 +131,9 @@ def push(adapter_dir: str, repo_id: str, dry_run: str | None = None, private: bo
         raise SystemExit(f"error: --repo-id {repo_id!r} must be of the form user/name")
     base = check_loads(adapter_dir, base_model) if check else base_model
     named = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base_model_id and (not named or Path(named).exists()):
+    if not base_model_id and (Path(adapter_dir) / BASE_DIR / "config.json").is_file():
+        print(f"note: the base model was built by the recipe ({BASE_DIR}/): it is uploaded with the adapter")
+    elif not base_model_id and (not named or Path(named).exists()):
         print(f"note: the base model is a local folder ({named}); pass --base-model-id to name its Hub id in the "
               f"model card, so that others can load the adapter")
     if dry_run:

@@ -1,13 +1,15 @@
-"""recipes/: config handling, SFT loss masking, a smoke run of every recipe on tiny models, 1-vs-2-process equality
-under ``accelerate launch`` (gloo) for every adapter type, and resuming a killed run.
+"""recipes/: config parsing (YAML + flags, unknown keys), TRL's completion-only / assistant-only loss masks, a smoke
+run of every recipe on tiny models, QLoRA, 1-vs-2-process equality under ``accelerate launch`` (gloo) for every
+adapter type, and resuming a killed run (and refusing another adapter's checkpoint).
 
 Tiny assets (built here, no Hub): a word-level tokenizer with a chat template, saved next to the config.json of a
-2-layer Llama / BERT / ViT (``model.random_init``), and small JSONL files whose answers follow fixed rules.
+2-layer Llama / BERT / ViT (``random_init``), and small JSONL files whose answers follow fixed rules.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import json
 import os
@@ -15,6 +17,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -23,23 +26,24 @@ import pytest
 import torch
 
 pytest.importorskip("yaml", reason="needs the recipes extra (pyyaml)")
-pytest.importorskip("tqdm", reason="needs the recipes extra (tqdm)")
+pytest.importorskip("trl", reason="needs trl (the test extra)")
+pytest.importorskip("datasets", reason="needs datasets (the test extra)")
 import transformers as tf  # noqa: E402
+import yaml  # noqa: E402
 
 import hadapeft  # noqa: E402
 from conftest import BNB_LAYOUTS, use_bnb_layout  # noqa: E402
 from recipes import common, loading  # noqa: E402
-from recipes.image_cls import ImageClsRecipe  # noqa: E402
-from recipes.multitask import MultiTaskRecipe  # noqa: E402
-from recipes.seq_cls import SeqClsRecipe  # noqa: E402
-from recipes.sft import IGNORE, SFTRecipe, encode_chat, encode_prompt_completion  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONDITIONED = hasattr(hadapeft, "FiLMConfig") and hasattr(hadapeft, "HyperModConfig")
+IGNORE = -100
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|> {{ m.content }} <|end|> {% endfor %}"
+# {% generation %}: what TRL's assistant_only_loss trains (the assistant's turn and its end-of-turn token)
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|> {% if m.role == 'assistant' %}{% generation %}"
+                 "{{ m.content }} <|end|>{% endgeneration %}{% else %}{{ m.content }} <|end|>{% endif %} {% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 TOPICS = {"food": ["the soup was salty", "fresh bread and cake", "the chef cooked rice"],
           "sports": ["the team won the match", "a goal in the final", "the runner broke the record"],
@@ -66,7 +70,7 @@ def make_data(root: Path) -> dict[str, str]:
     for _ in range(48):
         task, xs = r.choice(sorted(OPS)), [r.randint(0, 9) for _ in range(4)]
         multi.append({"task": task, "prompt": " ".join(WORDS[x] for x in xs) + " ->",
-                      "completion": " ".join(WORDS[x] for x in OPS[task](xs))})
+                      "completion": " " + " ".join(WORDS[x] for x in OPS[task](xs))})
     cls = [{"text": f"{pre} {s}".strip(), "label": label}
            for label, sents in TOPICS.items() for s in sents for pre in ("", "today", "news:", "they say")]
     r.shuffle(cls)
@@ -136,50 +140,68 @@ def _restore_globals():
         yield
 
 
-# The smoke run of each recipe: (recipe, model folder key, data settings, adapter). Dropout off and one thread, so
-# that runs are exactly reproducible (the resume and the N-process tests compare adapters).
+# The smoke run of each recipe: flat config values (recipe keys and TrainingArguments fields). Dropout off, so that
+# runs are exactly reproducible (the resume and the N-process tests compare adapters).
 def smoke_values(a: dict, recipe: str, out: str, adapter: dict | None = None, steps: int = 6) -> dict:
     data = {
-        "sft": {"data.train_file": a["chat"], "data.eval_size": 8, "data.max_length": 32},
-        "sft_instructions": {"data.train_file": a["instructions"], "data.eval_size": 8, "data.max_length": 48},
-        "multitask": {"data.train_file": a["multitask"], "data.eval_size": 12, "data.max_length": 32},
-        "seq_cls": {"data.train_file": a["classify"], "data.eval_size": 8, "data.max_length": 16},
-        "image_cls": {"data.dataset": "sklearn_digits", "data.eval_size": 64, "data.max_train_samples": 128},
+        "sft": {"train_file": a["chat"], "eval_size": 8, "max_length": 32},
+        "sft_instructions": {"train_file": a["instructions"], "eval_size": 8, "max_length": 48},
+        "multitask": {"train_file": a["multitask"], "eval_size": 12, "max_length": 32},
+        "seq_cls": {"train_file": a["classify"], "eval_size": 8, "max_length": 16},
+        "image_cls": {"dataset": "sklearn_digits", "eval_size": 64, "max_train_samples": 128},
     }[recipe]
     model = {"seq_cls": "bert", "image_cls": "vit"}.get(recipe, "llama")
-    return {"output_dir": out, "model.name_or_path": a[model], "model.random_init": True,
-            "train.batch_size": 8, "train.max_steps": steps, "train.lr": 2e-2, "train.logging_steps": 1,
-            "train.eval_steps": None, "train.disable_dropout": True, "train.threads": 1, "train.progress": False,
-            **({"adapter": adapter} if adapter else {}), **data}
+    return {"output_dir": out, "model_name_or_path": a[model], "random_init": True, "disable_dropout": True,
+            "per_device_train_batch_size": 8, "max_steps": steps, "learning_rate": 2e-2, "logging_steps": 1,
+            "disable_tqdm": True, **({"adapter": adapter} if adapter else {}), **data}
 
 
-RECIPES = {"sft": SFTRecipe, "sft_instructions": SFTRecipe, "seq_cls": SeqClsRecipe, "image_cls": ImageClsRecipe,
-           "multitask": MultiTaskRecipe}
+MODULES = {"sft": "sft", "sft_instructions": "sft", "seq_cls": "seq_cls", "image_cls": "image_cls",
+           "multitask": "multitask"}
+DEFAULT_TYPE = {"sft": "gated_lora", "sft_instructions": "gated_lora", "seq_cls": "gated_lora",
+                "image_cls": "gated_lora", "multitask": "film"}
 
 
-def run_recipe(name: str, values: dict, *overrides: str) -> common.Result:
-    recipe = RECIPES[name]()
-    return recipe.run(common.load_config(recipe, values=values, overrides=overrides))
+def recipe_module(name: str):
+    return importlib.import_module(f"recipes.{MODULES[name]}")
+
+
+def write_config(values: dict, folder=None) -> str:
+    """``values`` as a recipe YAML file (in ``folder``, default a fresh temporary folder)."""
+    path = Path(folder or tempfile.mkdtemp(prefix="recipe-cfg-")) / "config.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def run_recipe(name: str, values: dict, *flags: str) -> common.Result:
+    """``python -m recipes.<name> --config <values as YAML> <flags>``, in this process."""
+    return recipe_module(name).main(["--config", write_config(values), *flags])
 
 
 # ------------------------------------------------------------------------------------------------------- config
-def test_config_layers_yaml_values_and_overrides(tmp_path):
-    cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("output_dir: out\nmodel: {name_or_path: m}\ntrain: {lr: 1e-3, max_steps: 5}\n"
-                        "adapter: {type: gated_lora, r: 4}\n")
-    cfg = common.load_config(SFTRecipe(), str(cfg_file), ("train.lr=2e-4", "adapter.r=8", "train.eval_steps=null"),
-                             values={"train.max_steps": 7})
-    assert cfg.train.lr == 2e-4 and isinstance(cfg.train.lr, float)  # YAML reads 2e-4 as a string: coerced
-    assert cfg.train.max_steps == 7 and cfg.train.eval_steps is None and cfg.model.name_or_path == "m"
-    assert cfg.adapter == {"type": "gated_lora", "r": 8}
-    # A mapping value replaces the whole block; a block without a type keeps the recipe's default type.
-    assert common.load_config(SFTRecipe(), str(cfg_file), ("adapter={type: hada_ia3}",)).adapter == \
-        {"type": "hada_ia3"}
-    assert common.load_config(SFTRecipe(), values={"adapter": {"r": 2}}).adapter["type"] == "gated_lora"
-    with pytest.raises(SystemExit, match=r"train\.lr_schedul.*did you mean 'lr_scheduler'"):
-        common.load_config(SFTRecipe(), overrides=("train.lr_schedul=cosine",))
-    with pytest.raises(SystemExit, match="must be a number"):
-        common.load_config(SFTRecipe(), overrides=("train.lr=fast",))
+def test_config_file_then_flags(tmp_path):
+    from recipes import sft
+
+    cfg = write_config({"output_dir": "out", "model_name_or_path": "m", "learning_rate": "1e-3", "max_steps": 5,
+                        "adapter": {"type": "gated_lora", "r": 4}, "quantization": {"load_in_4bit": True}},
+                       tmp_path)
+    model, adapter, data, args = sft.parse(["--config", cfg, "--learning_rate", "2e-4", "--max_steps", "7"])
+    assert args.learning_rate == 2e-4 and args.max_steps == 7 and model.model_name_or_path == "m"
+    assert adapter.adapter == {"type": "gated_lora", "r": 4} and model.quantization == {"load_in_4bit": True}
+    assert args.accelerator_config.split_batches and args.output_dir == "out"  # the recipes' default
+    # A flag replaces the adapter block; a bare name is the type; a block without a type keeps the default type.
+    assert sft.parse(["--config", cfg, "--adapter", "hada_ia3"])[1].adapter == {"type": "hada_ia3"}
+    assert sft.parse(["--adapter", "{r: 2}"])[1].adapter == {"r": 2}
+    assert common.adapter_block({"r": 2}, sft.DEFAULT_ADAPTER)["type"] == "gated_lora"
+    with pytest.raises(SystemExit, match="unknown command line key 'lr_schedul'.*did you mean 'lr_scheduler"):
+        sft.parse(["--lr_schedul", "cosine"])
+    with pytest.raises(SystemExit, match="unknown command line key 'learning'"):  # no argparse prefix matching
+        sft.parse(["--learning", "1e-4"])
+    (tmp_path / "bad.yaml").write_text("lerning_rate: 1.0e-3\n")
+    with pytest.raises(SystemExit, match="unknown config file key 'lerning_rate'.*did you mean 'learning_rate'"):
+        sft.parse(["--config", str(tmp_path / "bad.yaml")])
+    with pytest.raises(SystemExit):
+        sft.parse(["--learning_rate", "fast"])
 
 
 def test_adapter_block_builds_any_registered_type():
@@ -199,13 +221,15 @@ def test_adapter_block_builds_any_registered_type():
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes" / "configs").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_configs_are_valid(path):
-    name = path.stem.split("_")[0]
-    recipe = {"sft": SFTRecipe, "seq": SeqClsRecipe, "image": ImageClsRecipe, "multitask": MultiTaskRecipe}[name]()
-    cfg = common.load_config(recipe, str(path))
-    if cfg.adapter["type"] in ("film", "hypermod") and not CONDITIONED:
+    name = {"sft": "sft", "seq": "seq_cls", "image": "image_cls", "multitask": "multitask"}[path.stem.split("_")[0]]
+    model, adapter, data, args = recipe_module(name).parse(["--config", str(path)])
+    block = common.adapter_block(adapter.adapter, recipe_module(name).DEFAULT_ADAPTER if name in ("sft", "multitask")
+                                 else {"type": "gated_lora"})
+    if block["type"] in ("film", "hypermod") and not CONDITIONED:
         return
-    common.adapter_config(cfg.adapter, recipe.task_type, {"num_tasks": 3} if name == "multitask" else None)
-    for f in (cfg.data.train_file, cfg.model.name_or_path if cfg.model.random_init else None):
+    common.adapter_config(block, None, {"num_tasks": 3} if name == "multitask" else None)
+    assert args.max_steps > 0 and args.output_dir.startswith("runs/")
+    for f in (data.train_file, model.model_name_or_path if model.random_init else None):
         assert f is None or (REPO / f).exists(), f
 
 
@@ -229,30 +253,49 @@ def test_model_loading_fails_clearly_offline(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------------ SFT data
-def test_chat_labels_cover_only_the_assistant_turns(assets):
-    tok = tf.AutoTokenizer.from_pretrained(assets["llama"])
+def _first_batch(assets, tmp_path, rows: list[dict]) -> tuple:
+    """(tokenizer, the collated batch of the first example) of the SFT recipe's trainer on ``rows``."""
+    from recipes import sft
+
+    values = {**smoke_values(assets, "sft", str(tmp_path), {"type": "gated_lora", "r": 2}),
+              "train_file": write_jsonl(tmp_path / "rows.jsonl", rows), "eval_size": 0, "max_length": 64}
+    trainer, _ = sft.build_trainer(*_parsed(sft.parse(["--config", write_config(values, tmp_path)])))
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    return trainer.processing_class, batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+
+
+def _parsed(parsed: tuple) -> tuple:
+    model, adapter, data, args = parsed
+    return model, adapter.adapter, data, args
+
+
+def test_chat_labels_cover_only_the_assistant_turns(assets, tmp_path, _restore_globals):
     messages = [{"role": "system", "content": "add"}, {"role": "user", "content": "add one and two"},
                 {"role": "assistant", "content": "one plus two is three"}, {"role": "user", "content": "add two"},
                 {"role": "assistant", "content": "two is two"}]
-    ex = encode_chat(tok, messages, max_length=64)
-    kept = tok.decode([t for t, y in zip(ex["input_ids"], ex["labels"]) if y != IGNORE])
+    tok, ids, labels = _first_batch(assets, tmp_path, [{"messages": messages}] * 8)
+    kept = tok.decode([t for t, y in zip(ids, labels) if y != IGNORE])
     assert kept.split() == "one plus two is three <|end|> two is two <|end|>".split()
-    assert len(ex["labels"]) == len(ex["input_ids"])
-    truncated = encode_chat(tok, messages, max_length=10)
-    assert len(truncated["input_ids"]) == 10
 
 
-def test_prompt_completion_labels_cover_the_completion_and_eos(assets):
-    tok = tf.AutoTokenizer.from_pretrained(assets["llama"])
-    ex = encode_prompt_completion(tok, "three one ->", "one three", max_length=64)
-    n_prompt = len(tok("three one ->")["input_ids"])
-    assert ex["labels"][:n_prompt] == [IGNORE] * n_prompt
-    assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:] and ex["input_ids"][-1] == tok.eos_token_id
+def test_prompt_completion_labels_cover_the_completion_and_eos(assets, tmp_path, _restore_globals):
+    tok, ids, labels = _first_batch(assets, tmp_path, [{"prompt": "three one ->", "completion": " one three"}] * 8)
+    kept = [t for t, y in zip(ids, labels) if y != IGNORE]
+    assert tok.decode(kept[:-1]).split() == ["one", "three"] and kept[-1] == tok.eos_token_id
+    assert labels[:3] == [IGNORE] * 3
 
 
 # -------------------------------------------------------------------------------------------------------- smoke
 SMOKE = [("sft", None), ("sft_instructions", {"type": "hada_ia3"}), ("seq_cls", None), ("image_cls", None),
          ("multitask", {"type": "film"})]
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / common.LOG_FILE).read_text().splitlines()]
+
+
+def _eval_steps(log: list[dict]) -> list[int]:
+    return sorted({e["step"] for e in log if any(k.startswith("eval_") and k.endswith("loss") for k in e)})
 
 
 @pytest.mark.parametrize("name,adapter", SMOKE, ids=[s[0] for s in SMOKE])
@@ -262,17 +305,23 @@ def test_recipe_smoke(name, adapter, assets, tmp_path, _restore_globals):
     out = tmp_path / name
     # The random ViT's features are weak (its CLS token averages near-uniform attention): it needs more samples.
     steps, batch = (40, 16) if name == "image_cls" else (24, 8)
-    res = run_recipe(name, smoke_values(assets, name, str(out), adapter, steps=steps),
-                     f"train.eval_steps={steps // 2}", f"train.batch_size={batch}")
+    res = run_recipe(name, smoke_values(assets, name, str(out), adapter, steps=steps), "--eval_strategy", "steps",
+                     "--eval_steps", str(steps // 2), "--per_device_train_batch_size", str(batch))
     assert res.step == steps and res.metrics and all(v == v for v in res.metrics.values())  # finite, not NaN
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == ((adapter or {}).get("type") or RECIPES[name].default_adapter["type"]).upper()
+    assert cfg["peft_type"] == ((adapter or {}).get("type") or DEFAULT_TYPE[name]).upper()
     info = json.loads((out / loading.TRAINING_INFO).read_text())
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert info["steps"] == steps and info["global_batch"] == batch and info["metrics"] == res.metrics
+    log = _log(out)
     losses = [e["loss"] for e in log if "loss" in e]
     k = steps // 4
     assert len(losses) == steps and sum(losses[-k:]) < sum(losses[:k]), losses  # it learns something
-    assert sum("eval_loss" in e for e in log) == 2  # half way and at the end
+    assert _eval_steps(log) == [steps // 2, steps]  # half way and at the end
+    if name in ("seq_cls", "image_cls"):
+        assert 0 <= res.metrics["eval_accuracy"] <= 1
+    if name == "multitask":
+        assert {"eval_copy_loss", "eval_reverse_loss", "eval_sort_loss"} <= set(res.metrics)
+    assert [p.name for p in common.complete_checkpoints(out)] == [f"checkpoint-{steps}"]  # the Trainer's last save
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: peft" in card and "- hadapeft" in card
     assert "import hadapeft" in card and "PeftModel.from_pretrained" in card
@@ -296,6 +345,24 @@ def _task_ids(models: list, name: str):
         yield
 
 
+def test_classification_loss_is_a_per_sample_mean_under_accumulation(assets, tmp_path, _restore_globals):
+    """Batches of 4 accumulated twice train the seq_cls adapter as batches of 8 do: the head's loss is a mean over
+    the samples, so the Trainer must divide it by the accumulation steps (it did not: the model's forward takes
+    ``**kwargs``, which it took for a loss normalized by the global count)."""
+    from safetensors.torch import load_file
+
+    # 32 training rows: 4 steps an epoch either way, the same seeded order, the same samples in each step.
+    values = {**smoke_values(assets, "seq_cls", "", {"type": "gated_lora", "r": 4}, steps=4), "eval_size": 4}
+    whole = run_recipe("seq_cls", {**values, "output_dir": str(tmp_path / "whole")})
+    halves = run_recipe("seq_cls", {**values, "output_dir": str(tmp_path / "halves"),
+                                    "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2})
+    assert whole.step == halves.step == 4
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("whole", "halves"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+
+
 @pytest.mark.parametrize("layout", BNB_LAYOUTS)
 def test_qlora_variant_trains_on_a_4bit_base(assets, tmp_path, _restore_globals, monkeypatch, layout):
     """QLoRA with an evaluation after every step, in both of bitsandbytes' CPU layouts of 4-bit weights (evaluating
@@ -309,9 +376,9 @@ def test_qlora_variant_trains_on_a_4bit_base(assets, tmp_path, _restore_globals,
     out = tmp_path / "qlora"
     values = smoke_values(assets, "sft", str(out), {"type": "gated_lora", "r": 4, "target_modules": "all-linear"},
                           steps=3)
-    res = run_recipe("sft", {**values, "model.name_or_path": assets["llama64"], "train.eval_steps": 1,
-                             "model.quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
-                                                    "bnb_4bit_compute_dtype": "float32"}})
+    res = run_recipe("sft", {**values, "model_name_or_path": assets["llama64"], "eval_strategy": "steps",
+                             "eval_steps": 1, "quantization": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                                               "bnb_4bit_compute_dtype": "float32"}})
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in res.model.modules())
     assert res.step == 3 and (out / "adapter_model.safetensors").is_file()
     assert all(math.isfinite(v) for v in res.metrics.values() if isinstance(v, float)), res.metrics
@@ -319,25 +386,26 @@ def test_qlora_variant_trains_on_a_4bit_base(assets, tmp_path, _restore_globals,
 
 # --------------------------------------------------------------------------------------- processes and resume
 DRIVER = textwrap.dedent("""
-    # Trains every (recipe, adapter) case through the recipes' CLI entry point; each process then saves its own copy
-    # of the trained adapter, so the test can compare ranks with each other and with a 1-process run.
-    import json, sys
-    sys.path.insert(0, {repo!r})
-    import torch
+    # Trains every (recipe, adapter) case through the recipes' own parse / build_trainer / fit; each process then
+    # saves its own copy of the initial and the trained adapter, so the test can compare ranks with each other and
+    # with a 1-process run.
+    import importlib, json, sys
     from accelerate import PartialState
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
-    from recipes.common import main
-    from recipes.multitask import MultiTaskRecipe
-    from recipes.seq_cls import SeqClsRecipe
-    from recipes.sft import SFTRecipe
-    RECIPES = {{"sft": SFTRecipe, "seq_cls": SeqClsRecipe, "multitask": MultiTaskRecipe}}
+    from recipes import common
     cases, out = json.loads(open(sys.argv[1]).read()), sys.argv[2]
-    for i, (name, values) in enumerate(cases):
-        overrides = [f"{{k}}={{json.dumps(v)}}" for k, v in values.items()]
-        res = main(RECIPES[name], [*overrides, f"output_dir={{out}}/run{{i}}"])
-        state = {{k: v.contiguous() for k, v in get_peft_model_state_dict(res.model).items()}}
-        save_file(state, f"{{out}}/case{{i}}_rank{{PartialState().process_index}}.safetensors")
+    for i, (name, config) in enumerate(cases):
+        module = importlib.import_module(f"recipes.{name}")
+        model, adapter, data, args = module.parse(["--config", config, "--output_dir", f"{out}/run{i}"])
+        trainer, run = module.build_trainer(model, adapter.adapter, data, args)
+        def state():
+            return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(trainer.model).items()}
+        initial = state()
+        res = common.fit(trainer, run)
+        rank = PartialState().process_index
+        save_file(initial, f"{out}/case{i}_initial_rank{rank}.safetensors")
+        save_file(state(), f"{out}/case{i}_rank{rank}.safetensors")
 """)
 
 
@@ -351,19 +419,32 @@ def _run(cmd, **kw):
 @pytest.mark.slow
 def test_two_processes_match_one_process_for_every_adapter_type(assets, tmp_path):
     """``accelerate launch`` with 2 CPU processes (torchrun + gloo) gives adapters identical on both ranks and equal
-    to a 1-process run with the same global batch (fp32, up to summation order)."""
+    to a 1-process run with the same global batch, under the recipes' default optimizer (AdamW), over an epoch
+    boundary with an incomplete last batch; what the main process saved is exactly the model's adapter, and training
+    moved it."""
     from safetensors.torch import load_file
 
-    uneven_eval = {"data.eval_size": 9, "train.eval_batch_size": 2, "train.eval_steps": 3}  # 3 vs 2 batches
+    # 6 steps of 8 rows cross an epoch end in every case: 31 (sft), 32 (sft, hada_ia3), 28 (seq_cls) and 36
+    # (multitask) training rows. The incomplete last batch is dropped on 1 and 2 processes alike (the recipes'
+    # dataloader_drop_last); kept, accelerate filled it with repeated rows on 2 processes (measured 1.5e-2 apart).
+    uneven_eval = {"eval_size": 9, "per_device_eval_batch_size": 2, "eval_strategy": "steps", "eval_steps": 3}
     cases = [("sft", {**smoke_values(assets, "sft", "", {"type": "gated_lora", "r": 4}), **uneven_eval}),
              ("sft", smoke_values(assets, "sft", "", {"type": "hada_ia3"})),
-             ("seq_cls", smoke_values(assets, "seq_cls", "", {"type": "gated_lora", "r": 4}))]
+             # 8 eval rows: with split_batches the Trainer (transformers 5.25, evaluation_loop) repeats each process's
+             # eval loss by the GLOBAL eval batch size, so an eval set with an incomplete last batch weights its last
+             # rows half on 2 processes (measured 1.1178 vs 1.1203 for 9 rows); accuracy is unaffected.
+             ("seq_cls", {**smoke_values(assets, "seq_cls", "", {"type": "gated_lora", "r": 4}), **uneven_eval,
+                          "eval_size": 8})]
     if CONDITIONED:
         cases += [("multitask", smoke_values(assets, "multitask", "", {"type": t})) for t in ("film", "hypermod")]
-    cases = [(n, {k: v for k, v in values.items() if k != "output_dir"}) for n, values in cases]
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    configs = []
+    for i, (name, values) in enumerate(cases):
+        (tmp_path / f"cfg{i}").mkdir()
+        values = {k: v for k, v in values.items() if k != "output_dir"}
+        configs.append((name, write_config(values, tmp_path / f"cfg{i}")))
+    (tmp_path / "cases.json").write_text(json.dumps(configs))
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(repo=str(REPO)))
+    driver.write_text(DRIVER)
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(driver), str(tmp_path / "cases.json"), str(one)])
     # accelerate 1.15 runs `--cpu --num_processes 2` as a single process (its MULTI_CPU launcher needs mpirun);
@@ -371,25 +452,35 @@ def test_two_processes_match_one_process_for_every_adapter_type(assets, tmp_path
     proc = _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                  str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"), str(driver), str(tmp_path / "cases.json"),
                  str(two)])
-    assert "2 process(es)" in proc.stdout
     for i, (name, values) in enumerate(cases):
         ref = load_file(str(one / f"case{i}_rank0.safetensors"))
+        initial = load_file(str(one / f"case{i}_initial_rank0.safetensors"))
         r0, r1 = (load_file(str(two / f"case{i}_rank{r}.safetensors")) for r in (0, 1))
-        assert ref.keys() == r0.keys() == r1.keys() and ref
+        assert ref.keys() == r0.keys() == r1.keys() == initial.keys() and ref
         for k in ref:
             assert torch.equal(r0[k], r1[k]), (name, k)  # DDP: bitwise identical on every rank
+            # Only the gradient all-reduce sums in another order (measured: gradients 2e-9 apart, adapters 1.2e-7
+            # after 6 AdamW steps of 2e-2, which move them by ~1e-1).
             torch.testing.assert_close(r0[k], ref[k], rtol=0, atol=1e-5, msg=f"{name} {values['adapter']} {k}")
-        # ... and what the main process saved is that adapter, with the same evaluation.
-        saved = load_file(str(two / f"run{i}" / "adapter_model.safetensors"))
-        assert all(torch.equal(saved[k], r0[k]) for k in saved)
-        evals = [[e for e in _log(d / f"run{i}") if "eval_loss" in e] for d in (one, two)]
-        assert len(evals[0]) == len(evals[1]) >= 1
+        assert any(not torch.equal(initial[k], ref[k]) for k in ref), f"{name}: the adapter did not move"
+        # ... and what the main process saved is exactly the model's adapter, every key of it.
+        for d in (one, two):
+            saved = load_file(str(d / f"run{i}" / "adapter_model.safetensors"))
+            assert saved.keys() == ref.keys(), (name, sorted(set(saved) ^ set(ref)))
+            assert all(torch.equal(saved[k], r0[k] if d is two else ref[k]) for k in saved)
+        # The evaluations (eval_loss, or eval_<task>_loss per task for multitask) at the same steps.
+        evals = [[e for e in _log(d / f"run{i}") if any(k.startswith("eval_") and k.endswith("_loss") for k in e)]
+                 for d in (one, two)]
+        assert [e["step"] for e in evals[0]] == [e["step"] for e in evals[1]] and evals[0], name
         for a, b in zip(*evals):
-            assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a), (a, b)
-
-
-def _log(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+            for key in (k for k in a if k.startswith("eval_") and k.endswith("_loss")):
+                # Per-sample losses (classification) average the same on 1 and 2 processes. The Trainer's
+                # token-level eval loss is a mean of per-batch means, and each process's batch is half as large:
+                # close, not equal.
+                tol = 1e-4 if name == "seq_cls" else 5e-2 * abs(a[key])
+                assert abs(a[key] - b[key]) < tol, (name, key, a, b)
+            if name == "seq_cls":
+                assert a["eval_accuracy"] == b["eval_accuracy"]
 
 
 @pytest.mark.slow
@@ -397,20 +488,20 @@ def test_killed_run_resumes_to_the_uninterrupted_result(assets, tmp_path, _resto
     from safetensors.torch import load_file
 
     steps = 60
-    # 32 training rows in batches of 8, accumulated by 3: optimizer steps of 3 and 1 batches (2 per epoch), so a
-    # resume has to land inside an epoch on the right batch.
-    values = {**smoke_values(assets, "sft", "", {"type": "gated_lora", "r": 4}, steps=steps), "train.save_steps": 5,
-              "train.save_total_limit": 2, "train.gradient_accumulation_steps": 3}
+    # 32 training rows in batches of 8, accumulated by 3: an epoch ends inside an optimizer step, so a resume has
+    # to land inside an epoch on the right batch.
+    values = {**smoke_values(assets, "sft", "", {"type": "gated_lora", "r": 4}, steps=steps), "save_steps": 5,
+              "save_total_limit": 2, "gradient_accumulation_steps": 3}
     values.pop("output_dir")
-    overrides = [f"{k}={json.dumps(v)}" for k, v in values.items()]
+    config = write_config(values, tmp_path)
 
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "recipes/sft.py", *overrides, f"output_dir={killed}"], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "recipes.sft", "--config", config, "--output_dir", str(killed)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300
-        while not common.checkpoints(killed) and proc.poll() is None and time.monotonic() < deadline:
+        while not common.complete_checkpoints(killed) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
@@ -420,17 +511,22 @@ def test_killed_run_resumes_to_the_uninterrupted_result(assets, tmp_path, _resto
     stderr = proc.stderr.read().decode()
     assert proc.returncode == -signal.SIGKILL, stderr[-3000:]
     assert not (killed / "adapter_model.safetensors").exists(), "the run finished before it was killed"
-    last = common.checkpoints(killed)[-1]
+    last = common.complete_checkpoints(killed)[-1]
     assert 0 < int(last.name.split("-")[1]) < steps
+    assert not any(f.stat().st_size > 1e6 for f in last.iterdir())  # the adapter only, never the frozen base
 
+    # Another adapter in the same output_dir is refused, not resumed.
+    with pytest.raises(SystemExit, match="holds a different adapter"):
+        run_recipe("sft", {**values, "output_dir": str(killed), "adapter": {"type": "gated_lora", "r": 8}})
     resumed = run_recipe("sft", {**values, "output_dir": str(killed)})
     assert resumed.resumed_from == str(last) and resumed.step == steps
     straight = run_recipe("sft", {**values, "output_dir": str(tmp_path / "straight")})
+    assert straight.resumed_from is None
     a = load_file(str(killed / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     # The resumed log continues the killed run's: one entry per step, none repeated.
-    assert [e["step"] for e in _log(killed) if "lr" in e] == list(range(1, steps + 1))
-    assert len(common.checkpoints(killed)) <= 2  # save_total_limit
+    assert [e["step"] for e in _log(killed) if "learning_rate" in e] == list(range(1, steps + 1))
+    assert len(common.complete_checkpoints(killed)) <= 2  # save_total_limit

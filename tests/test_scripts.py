@@ -23,6 +23,7 @@ from peft import PeftModel, get_peft_model  # noqa: E402
 
 import hadapeft  # noqa: E402
 from recipes.loading import dummy_inputs  # noqa: E402
+from recipes.modelcard import render_model_card  # noqa: E402
 from scripts import inspect_adapter, merge, push_to_hub  # noqa: E402
 from test_recipes import make_assets, restored_globals, run_recipe, smoke_values  # noqa: E402
 
@@ -130,7 +131,7 @@ def trained(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     assets = make_assets(root / "assets")
     values = {**smoke_values(assets, "sft", str(root / "run"), {"type": "gated_lora", "r": 4}, steps=4),
-              "train.save_steps": 2}
+              "save_steps": 2}
     with restored_globals():
         run_recipe("sft", values)
     return root / "run"
@@ -147,33 +148,57 @@ UPLOADED = {"README.md", "adapter_config.json", "adapter_model.safetensors", "ch
             "hadapeft_training.json", "tokenizer.json", "tokenizer_config.json"}
 
 
+def _uploaded(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
 @pytest.mark.slow
-def test_push_dry_run_writes_the_upload_and_reloads_in_a_fresh_process(trained, tmp_path, capsys):
+def test_push_dry_run_is_what_a_stranger_installs_and_loads(trained, tmp_path, capsys):
+    """The staged folder holds the adapter, hadapeft's wheel and the recipe-built base; in a fresh interpreter that
+    sees neither this checkout nor its packages, the card's install line (the wheel, installed for real) and load
+    lines (the base by its path in the folder) give the trained model's logits."""
     out = tmp_path / "upload"
-    res = push_to_hub.main([str(trained), "--repo-id", "someone/tiny-sft", "--dry-run", str(out),
-                            "--base-model-id", "someone/tiny-llama"])
+    res = push_to_hub.main([str(trained), "--repo-id", "someone/tiny-sft", "--dry-run", str(out)])
     printed = capsys.readouterr().out
-    assert "loads onto" in printed and "not uploaded: base_model/, checkpoint-2/, config.yaml, log.jsonl" in printed
-    assert set(res["files"]) == UPLOADED == {p.name for p in out.iterdir()}
+    assert "loads onto" in printed and "uploaded with the adapter" in printed
+    left_out = next(line for line in printed.splitlines() if line.startswith("not uploaded: "))
+    assert {"checkpoint-2/", "config.yaml", "log.jsonl"} <= set(left_out[len("not uploaded: "):].split(", "))
+    assert "base_model" not in left_out, left_out
+    wheels = [f for f in res["files"] if f.endswith(".whl")]
+    assert len(wheels) == 1 and wheels[0].startswith(f"hadapeft-{hadapeft.__version__}-")
+    base_files = {f for f in res["files"] if f.startswith("base_model/")}
+    assert "base_model/config.json" in base_files and any(f.endswith(".safetensors") for f in base_files)
+    assert set(res["files"]) == UPLOADED | {wheels[0]} | base_files == _uploaded(out)
+    assert (out / "adapter_model.safetensors").read_bytes() == (trained / "adapter_model.safetensors").read_bytes()
     card = (out / "README.md").read_text()
     meta = _front_matter(card)
-    assert meta["base_model"] == "someone/tiny-llama" and meta["library_name"] == "peft"
+    assert meta["library_name"] == "peft" and "base_model" not in meta  # no Hub id for a random base
     assert {"hadapeft", "gated_lora", "peft"} <= set(meta["tags"]) and meta["pipeline_tag"] == "text-generation"
-    assert "pip install hadapeft" in card and "import hadapeft" in card
-    assert "PeftModel.from_pretrained(base, 'someone/tiny-sft')" in card
-    assert (out / "adapter_model.safetensors").read_bytes() == (trained / "adapter_model.safetensors").read_bytes()
+    assert f"pip install https://huggingface.co/someone/tiny-sft/resolve/main/{wheels[0]}" in card
+    assert "snapshot_download('someone/tiny-sft')" in card and 'f"{folder}/base_model"' in card
+    # With --base-model-id the card names the base by its Hub id, in the metadata and the load line.
+    named = render_model_card(out, "someone/tiny-sft", "someone/tiny-llama", wheels[0])
+    assert _front_matter(named)["base_model"] == "someone/tiny-llama"
+    assert "AutoModelForCausalLM.from_pretrained('someone/tiny-llama')" in named
 
-    # A fresh interpreter loads the uploaded folder onto the base and computes the same logits.
-    base = json.loads((trained / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(base), str(trained)).eval()
+    # The install line, for real (offline: the wheel file the URL serves), into a folder of its own.
+    site = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(site),
+                          str(out / wheels[0])], capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    model = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(trained / "base_model"),
+                                      str(trained)).eval()
     inputs = dummy_inputs(model)
     torch.save(inputs, tmp_path / "inputs.pt")
     code = (f"import torch, hadapeft, transformers as tf\nfrom peft import PeftModel\n"
-            f"m = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained({base!r}), {str(out)!r}).eval()\n"
-            f"with torch.no_grad(): torch.save(m(**torch.load({str(tmp_path / 'inputs.pt')!r})).logits, "
-            f"{str(tmp_path / 'logits.pt')!r})\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+            f"assert hadapeft.__file__.startswith({str(site)!r}), hadapeft.__file__\n"
+            f"folder = {str(out)!r}\n"
+            f"m = PeftModel.from_pretrained(tf.AutoModelForCausalLM.from_pretrained(f'{{folder}}/base_model'), "
+            f"folder).eval()\n"
+            f"with torch.no_grad(): torch.save(m(**torch.load('inputs.pt')).logits, 'logits.pt')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**env, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(**inputs).logits, rtol=0, atol=0)
@@ -263,10 +288,11 @@ def test_push_uploads_the_staged_folder_and_never_prints_the_token(trained, tmp_
     assert proc.returncode == 0, output[-4000:]
     assert TOKEN not in output and TOKEN[3:12] not in output
     assert hub.repos["someone/tiny-sft"]["visibility"] == "private"
-    # Exactly the dry run's folder arrived, byte for byte.
-    assert set(hub.files) == UPLOADED == {p.name for p in dry.iterdir()}
+    # Exactly the dry run's folder arrived (the adapter's files, hadapeft's wheel, base_model/), byte for byte; the
+    # wheel is built again, from the same sources.
+    assert set(hub.files) == _uploaded(dry) and UPLOADED < set(hub.files)
     for name, data in hub.files.items():
-        assert data == (dry / name).read_bytes(), name
+        assert name.endswith(".whl") or data == (dry / name).read_bytes(), name
     writes = [r for r in hub.requests if r["method"] == "POST"]
     assert [r["path"].split("/")[-2] if "/models/" in r["path"] else r["path"] for r in writes] == \
         ["/api/repos/create", "/api/validate-yaml", "preupload", "commit"]
