@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 from transformers import Trainer, TrainingArguments
 
+import hadapeft
 from recipes import common
 
 DEFAULT_ADAPTER = {"type": "gated_lora", "r": 8, "lora_alpha": 16}
@@ -62,9 +63,10 @@ def build_classifier(model_args: common.ModelArguments, args, auto_class: str, n
                                   FROM_PRETRAINED_KWARGS)
 
 
-class ClassificationTrainer(common.WholeBatchesMixin, Trainer):
+class ClassificationTrainer(common.WholeBatchesMixin, hadapeft.ConditionedTrainerMixin, Trainer):
     """``transformers.Trainer`` with the recipes' batches (``common.WholeBatchesMixin``), told that the heads' loss is
-    a mean over the process's samples.
+    a mean over the process's samples; ``hadapeft.ConditionedTrainerMixin`` refuses an FSDP / DeepSpeed launch that
+    accelerate would run as plain DDP (``hadapeft.check_engine``) and carries a task column for conditioned adapters.
 
     The classification models' ``forward`` takes ``**kwargs``, so the Trainer takes their loss for one normalized by
     ``num_items_in_batch`` (a sum over the global batch's tokens): it multiplies it by the number of processes and

@@ -416,6 +416,21 @@ def _run(cmd, **kw):
     return proc
 
 
+@pytest.mark.parametrize("name", ["sft", "seq_cls"])
+def test_an_engine_launch_that_would_run_ddp_is_refused(name, assets, tmp_path):
+    """A launch that asks for FSDP (what ``accelerate launch --config_file recipes/accelerate/fsdp.yaml`` sets in the
+    environment) on a machine where accelerate would run plain DDP / one CPU process stops with hadapeft's
+    EngineError before training, in both trainer families of the recipes (TRL's and the classification Trainer)."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", f"recipes.{name}", "--config", write_config(smoke_values(assets, name, str(out)),
+                                                                            tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_FSDP": "true", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode != 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "EngineError: FSDP was requested" in run.stderr, run.stderr[-3000:]
+    assert not (out / "adapter_model.safetensors").exists() and not list(out.glob("checkpoint-*"))
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_process_for_every_adapter_type(assets, tmp_path):
     """``accelerate launch`` with 2 CPU processes (torchrun + gloo) gives adapters identical on both ranks and equal
