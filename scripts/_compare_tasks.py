@@ -160,8 +160,9 @@ def make_trainer(model, train_dataset, collator, param_groups: list[dict], steps
     """The ``transformers.Trainer`` every training run of the comparison goes through (the adapters' runs and the
     small ViT's pretraining): AdamW over ``param_groups`` (each a dict with ``params`` and its own ``lr``: the head
     and the adapter train at different rates), the Trainer's ``schedule`` after ``warmup_steps`` of linear warm-up,
-    gradient clipping at ``max_grad_norm`` (0: none), ``steps`` optimizer steps of ``batch_size`` (the last
-    incomplete batch of a pass dropped), the data order seeded by ``seed``; no saving, logging or reporting.
+    gradient clipping at ``max_grad_norm`` (0: none), ``steps`` optimizer steps of ``batch_size`` (a pass's last
+    incomplete batch dropped, unless it is the only one), the data order seeded by ``seed``; no saving, logging or
+    reporting.
     Returns (trainer, step times): ``trainer.train()`` appends each optimizer step's seconds to the list (forward,
     backward, clipping, update; the batch is collated before the step begins), CUDA synchronised at both ends.
 
@@ -177,8 +178,9 @@ def make_trainer(model, train_dataset, collator, param_groups: list[dict], steps
         output_dir=_TRAINER_DIR.name, max_steps=steps, per_device_train_batch_size=batch_size,
         lr_scheduler_type=schedule, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, weight_decay=weight_decay,
         seed=seed, data_seed=seed, use_cpu=device.type == "cpu", dataloader_pin_memory=device.type == "cuda",
-        dataloader_drop_last=True, remove_unused_columns=False, report_to=[], save_strategy="no",
-        logging_strategy="no", disable_tqdm=True)  # a progress bar per run would crowd the comparison's own bar
+        dataloader_drop_last=len(train_dataset) >= batch_size, remove_unused_columns=False, report_to=[],
+        save_strategy="no", logging_strategy="no",
+        disable_tqdm=True)  # a bar per run under the comparison's own bar (one line per run) would crowd it
     times = []
 
     def sync():
@@ -199,6 +201,8 @@ def make_trainer(model, train_dataset, collator, param_groups: list[dict], steps
                       callbacks=[StepTimer()])
     trainer.remove_callback(PrinterCallback)  # it prints every run's final training metrics
     return trainer, times
+
+
 # ---------------------------------------------------------------------------------------------------------- problem
 @dataclass
 class Split:
