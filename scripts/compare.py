@@ -36,13 +36,14 @@ per hadapeft family (``_TEXT_METHODS``).
 Training, identical for every method, through transformers' ``Trainer`` (``_compare_tasks.make_trainer``, which the
 ViT's pretraining uses too): heads start from the linear probe (logistic regression fit to convergence on the frozen
 encoder's pooled training features; LP-FT), so every run starts from what the frozen features allow; no dropout; the
-same steps and batch size over (sample, task) pairs in the Trainer's seeded order, AdamW (no weight decay) with the
-head and the adapter as two parameter groups, 10% linear warm-up then linear decay, gradient clipping at 1.0.
-Learning rates: the head 1e-2 for every method (see ``LEARNING_RATES``; the ci preset's text task, at half the steps,
-uses 1e-3: ``Preset.task_learning_rates``). Each adapter's rate is picked per task from one shared grid on a validation split of the training data (``--tune``: 20% of the training texts or images held out,
-first seed, the same budget; ties go to the smaller rate), so no method is judged at a rate that suits another (FiLM
-wants a low vector rate, multi-task HadaIA3 a high one). The cpu-small preset reads the published choice,
-``docs/tuned_lrs.json``, and so does ci except on text (``docs/ci/tuned_lrs.json``, tuned at its own budget);
+same steps and batch size over (sample, task) pairs in the Trainer's seeded order, AdamW (no weight decay) with the head
+and the adapter as two parameter groups, 10% linear warm-up then linear decay, gradient clipping at 1.0. Learning rates:
+the head 1e-2 for every method (see ``LEARNING_RATES``; the ci preset's text task, at half the steps, uses 1e-3:
+``Preset.task_learning_rates``). Each adapter's rate is picked per task from one shared grid on a validation split of
+the training data (``--tune``: 20% of the training texts or images held out, first seed, the same budget; ties go to the
+smaller rate), so no method is judged at a rate that suits another (FiLM wants a low vector rate, multi-task HadaIA3 a
+high one). The cpu-small preset reads the published choice, ``docs/tuned_lrs.json``, and so does ci except on text
+(``docs/ci/tuned_lrs.json``, tuned at its own budget);
 ``--method-lrs none`` falls back to fixed rates per kind:
 adapter matrices (LoRA, Gated LoRA, HyperMod's hypernetwork) 2e-3, adapter vectors (IA3, HadaIA3, FiLM) 5e-3 (``--lr
 KIND=VALUE`` changes one; ``--head-init random`` starts heads from a seeded random init instead). Seeds change the
