@@ -162,8 +162,7 @@ def make_trainer(model, train_dataset, collator, param_groups: list[dict], steps
     and the adapter train at different rates), the Trainer's ``schedule`` after ``warmup_steps`` of linear warm-up,
     gradient clipping at ``max_grad_norm`` (0: none), ``steps`` optimizer steps of ``batch_size`` (a pass's last
     incomplete batch dropped, unless it is the only one), the data order seeded by ``seed``; no saving, logging or
-    reporting.
-    Returns (trainer, step times): ``trainer.train()`` appends each optimizer step's seconds to the list (forward,
+    reporting. Returns (trainer, step times): ``trainer.train()`` appends each optimizer step's seconds to the list (forward,
     backward, clipping, update; the batch is collated before the step begins), CUDA synchronised at both ends.
 
     This moves to the recipes' shared classification code when that lands on ``Trainer`` (``recipes/seq_cls.py``),

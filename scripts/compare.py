@@ -302,7 +302,8 @@ def train(problem, method, model, adapter, head, task_set, budget, lrs, seed, de
         groups.append({"params": adapter, "lr": lrs[method.kind]})
     trainer, times = tasks.make_trainer(model, tasks.TaskPairs(len(problem.train), len(task_set)),
                                         batches(problem, problem.train, method, task_set), groups, budget.steps,
-                                        budget.batch_size, seed, device, warmup_steps=max(1, budget.steps // 10))
+                                        budget.batch_size, seed, device,
+                                        warmup_steps=max(1, budget.steps // 10))  # 10%; the rate starts from 0
     trainer.train()
     peak = None
     if measure_memory:  # after training, so the profiler never touches the measured run
