@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -34,7 +34,9 @@ DATA_SEED = 0  # the train / held-out split is fixed; seeds vary the head, the a
 VIT_CONFIG = dict(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4,
                   num_attention_heads=4, intermediate_size=128, hidden_dropout_prob=0.0,
                   attention_probs_dropout_prob=0.0, qkv_bias=True)
-VIT_PRETRAIN = dict(steps=400, batch_size=64, lr=1e-3, seed=0)
+# All weights train; no warm-up, no gradient clipping. "epochs": the Trainer's order, each image once per pass (the
+# hand-written loop this replaced drew batches with replacement, so the key, and the cached weights, changed).
+VIT_PRETRAIN = dict(steps=400, batch_size=64, lr=1e-3, weight_decay=0.01, schedule="cosine", order="epochs", seed=0)
 
 
 # ------------------------------------------------------------------------------------------------------- classifier
@@ -44,6 +46,9 @@ class Classifier(nn.Module):
     (``"mean"``, how all-MiniLM-L6-v2 embeds sentences) or the first token (``"cls"``, ViT)."""
 
     base_model_prefix = "encoder"  # peft asks transformers for weight conversions, which reads this
+    # The loss is a mean over the batch and ``**inputs`` go to the encoder: the Trainer must not pass
+    # ``num_items_in_batch`` in (it would, seeing ``**inputs``). The Trainer reads the loss as ``outputs[0]``.
+    accepts_loss_kwargs = False
 
     def __init__(self, encoder, num_labels: list[int], pool: str):
         super().__init__()
@@ -105,6 +110,96 @@ def in_length_order(split: "Split") -> torch.Tensor:
     hold texts of similar length and ``trim_padding`` cuts the most."""
     mask = split.inputs.get("attention_mask")
     return torch.arange(len(split)) if mask is None else torch.argsort(mask.sum(1), stable=True)
+
+
+# --------------------------------------------------------------------------------------------------------- training
+class TaskPairs(torch.utils.data.Dataset):
+    """Every (sample, task position) pair of ``n`` samples and ``num_tasks`` tasks: item k is (k // T, k % T). The
+    Trainer shuffles and batches these; ``Batches`` turns a batch of them into the classifier's inputs."""
+
+    def __init__(self, n: int, num_tasks: int):
+        self.n, self.num_tasks = n, num_tasks
+
+    def __len__(self):
+        return self.n * self.num_tasks
+
+    def __getitem__(self, k: int) -> tuple[int, int]:
+        return divmod(k, self.num_tasks)
+
+
+@dataclass
+class Batches:
+    """Data collator: (sample, task position) pairs of ``split`` -> the ``Classifier``'s batch: the encoder inputs
+    (``transform``-ed, all-padding columns cut), ``head_ids`` (each sample's position in ``task_set``: its head),
+    ``labels`` (its label for that task) and, for a task-conditioned adapter, the same positions as ``task_ids``."""
+
+    split: "Split"
+    task_set: list[int]
+    transform: Callable[[dict], dict] = field(default=lambda inputs: inputs)
+    conditioned: bool = False
+
+    def __call__(self, pairs) -> dict:
+        idx, pos = torch.tensor(pairs, dtype=torch.long).view(-1, 2).T  # (B,), (B,)
+        batch = self.inputs(idx)
+        batch["head_ids"], batch["labels"] = pos, self.split.labels[idx, torch.tensor(self.task_set)[pos]]
+        if self.conditioned:
+            batch["task_ids"] = pos
+        return batch
+
+    def inputs(self, idx: torch.Tensor) -> dict:
+        """The encoder inputs of samples ``idx``."""
+        return trim_padding(self.transform({k: v[idx] for k, v in self.split.inputs.items()}))
+
+
+_TRAINER_DIR = None  # one temporary output_dir per process (the Trainer creates it; nothing is saved in it)
+
+
+def make_trainer(model, train_dataset, collator, param_groups: list[dict], steps: int, batch_size: int, seed: int,
+                 device="cpu", *, schedule: str = "linear", warmup_steps: int = 0, weight_decay: float = 0.0,
+                 max_grad_norm: float = 1.0):
+    """The ``transformers.Trainer`` every training run of the comparison goes through (the adapters' runs and the
+    small ViT's pretraining): AdamW over ``param_groups`` (each a dict with ``params`` and its own ``lr``: the head
+    and the adapter train at different rates), the Trainer's ``schedule`` after ``warmup_steps`` of linear warm-up,
+    gradient clipping at ``max_grad_norm`` (0: none), ``steps`` optimizer steps of ``batch_size`` (a pass's last
+    incomplete batch dropped, unless it is the only one), the data order seeded by ``seed``; no saving, logging or
+    reporting. Returns (trainer, step times): ``trainer.train()`` appends each optimizer step's seconds to the list (forward,
+    backward, clipping, update; the batch is collated before the step begins), CUDA synchronised at both ends.
+
+    This moves to the recipes' shared classification code when that lands on ``Trainer`` (``recipes/seq_cls.py``),
+    and the comparison then trains through it."""
+    global _TRAINER_DIR
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+    if _TRAINER_DIR is None:
+        _TRAINER_DIR = tempfile.TemporaryDirectory(prefix="hadapeft-compare-")  # removed at exit
+    device = torch.device(device)
+    args = TrainingArguments(
+        output_dir=_TRAINER_DIR.name, max_steps=steps, per_device_train_batch_size=batch_size,
+        lr_scheduler_type=schedule, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, weight_decay=weight_decay,
+        seed=seed, data_seed=seed, use_cpu=device.type == "cpu", dataloader_pin_memory=device.type == "cuda",
+        dataloader_drop_last=len(train_dataset) >= batch_size, remove_unused_columns=False, report_to=[],
+        save_strategy="no", logging_strategy="no",
+        disable_tqdm=True)  # a bar per run under the comparison's own bar (one line per run) would crowd it
+    times = []
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            sync()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            times.append(time.perf_counter() - self.t0)
+
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                      optimizers=(torch.optim.AdamW(param_groups, weight_decay=weight_decay), None),
+                      callbacks=[StepTimer()])
+    trainer.remove_callback(PrinterCallback)  # it prints every run's final training metrics
+    return trainer, times
 
 
 # ---------------------------------------------------------------------------------------------------------- problem
@@ -302,23 +397,19 @@ def pretrained_vit(cache_dir: Path, log=print):
     x, y, xt, yt = digits_split()
     keep, keep_t = torch.isin(y, torch.tensor(DIGIT_SOURCE)), torch.isin(yt, torch.tensor(DIGIT_SOURCE))
     x, y, xt, yt = x[keep], y[keep], xt[keep_t], yt[keep_t]
-    torch.manual_seed(VIT_PRETRAIN["seed"])
+    pre = VIT_PRETRAIN
+    torch.manual_seed(pre["seed"])
     model = Classifier(ViTModel(ViTConfig(**VIT_CONFIG), add_pooling_layer=False), [len(DIGIT_SOURCE)], "cls")
-    opt = torch.optim.AdamW(model.parameters(), lr=VIT_PRETRAIN["lr"], weight_decay=0.01)
-    steps, bs = VIT_PRETRAIN["steps"], VIT_PRETRAIN["batch_size"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    g, t0, zeros = torch.Generator().manual_seed(VIT_PRETRAIN["seed"]), time.perf_counter(), torch.zeros(bs).long()
-    for _ in range(steps):
-        idx = torch.randint(0, len(y), (bs,), generator=g)
-        loss, _ = model(zeros, labels=y[idx], pixel_values=x[idx])
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    trainer, _ = make_trainer(model, TaskPairs(len(y), 1), Batches(Split({"pixel_values": x}, y.unsqueeze(1)), [0]),
+                              [{"params": list(model.parameters()), "lr": pre["lr"]}], pre["steps"],
+                              pre["batch_size"], pre["seed"], schedule=pre["schedule"],
+                              weight_decay=pre["weight_decay"], max_grad_norm=0.0)
+    trainer.train()
     model.eval()
     with torch.inference_mode():
         acc = (model.predict(model(torch.zeros(len(yt)).long(), pixel_values=xt)[1], 0) == yt).float().mean()
-    log(f"pretrained the small ViT on digits 0-4 ({steps} steps, {time.perf_counter() - t0:.0f}s): "
+    log(f"pretrained the small ViT on digits 0-4 ({pre['steps']} steps, {time.perf_counter() - t0:.0f}s): "
         f"held-out accuracy {acc:.3f}; cached at {path}")
     model.encoder.save_pretrained(str(path))
     return model.encoder

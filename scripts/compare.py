@@ -33,23 +33,26 @@ on the attention query / value, and so is FiLM; IA3 and HadaIA3 on key / value /
 tasks: the evidence for FiLM's default). On text, where a step costs ~10 ViT steps, cpu-small runs one option set
 per hadapeft family (``_TEXT_METHODS``).
 
-Training, identical for every method: heads start from the linear probe (logistic regression fit to convergence on
-the frozen encoder's pooled training features; LP-FT), so every run starts from what the frozen features allow; no
-dropout; the same steps and batch size, AdamW (no weight decay), 10% linear warm-up then linear decay, gradient
-clipping at 1.0. Learning rates: the head 1e-2 for every method (see ``LEARNING_RATES``; the ci preset's text task,
-at half the steps, uses 1e-3: ``Preset.task_learning_rates``). Each adapter's rate is picked per task from one
-shared grid on a validation split of the training data (``--tune``: 20% of the training texts or images held out,
-first seed, the same budget; ties go to the smaller rate), so no method is judged at a rate that suits another (FiLM
-wants a low vector rate, multi-task HadaIA3 a high one). The cpu-small preset reads the published choice,
-``docs/tuned_lrs.json``, and so does ci except on text (``docs/ci/tuned_lrs.json``, tuned at its own budget);
+Training, identical for every method, through transformers' ``Trainer`` (``_compare_tasks.make_trainer``, which the
+ViT's pretraining uses too): heads start from the linear probe (logistic regression fit to convergence on the frozen
+encoder's pooled training features; LP-FT), so every run starts from what the frozen features allow; no dropout; the
+same steps and batch size over (sample, task) pairs in the Trainer's seeded order, AdamW (no weight decay) with the head
+and the adapter as two parameter groups, 10% linear warm-up then linear decay, gradient clipping at 1.0. Learning rates:
+the head 1e-2 for every method (see ``LEARNING_RATES``; the ci preset's text task, at half the steps, uses 1e-3:
+``Preset.task_learning_rates``). Each adapter's rate is picked per task from one shared grid on a validation split of
+the training data (``--tune``: 20% of the training texts or images held out, first seed, the same budget; ties go to the
+smaller rate), so no method is judged at a rate that suits another (FiLM wants a low vector rate, multi-task HadaIA3 a
+high one). The cpu-small preset reads the published choice, ``docs/tuned_lrs.json``, and so does ci except on text
+(``docs/ci/tuned_lrs.json``, tuned at its own budget);
 ``--method-lrs none`` falls back to fixed rates per kind:
 adapter matrices (LoRA, Gated LoRA, HyperMod's hypernetwork) 2e-3, adapter vectors (IA3, HadaIA3, FiLM) 5e-3 (``--lr
 KIND=VALUE`` changes one; ``--head-init random`` starts heads from a seeded random init instead). Seeds change the
 adapter init and the batch order; the train / held-out split is fixed. Reported: held-out accuracy (mean ± sample
 std over seeds), trainable parameters (adapter + heads; the adapter alone in a second column), seconds per step
-(median of the training steps of all seeds, evaluation excluded), peak memory of one training step
-(``scripts/memory.py``, measured once per method after the first seed's training, never inside the timed steps), and
-the linear probe's own held-out accuracy.
+(median of the optimizer steps of all seeds, timed by a Trainer callback: batch collation and evaluation excluded),
+peak memory of one training step's forward and backward (``Trainer.training_step`` under ``scripts/memory.py``,
+measured once per method after the first seed's training, never inside the timed steps), and the linear probe's own
+held-out accuracy.
 """
 
 from __future__ import annotations
@@ -286,81 +289,42 @@ def _numel(params) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------- training
-def _inputs(problem, split, idx, device) -> dict:
-    """The encoder inputs of samples ``idx`` of ``split``: transformed, all-padding columns cut, on ``device``."""
-    inputs = tasks.trim_padding(problem.transform({k: v[idx] for k, v in split.inputs.items()}))
-    return {k: v.to(device) for k, v in inputs.items()}
-
-
-def _batch(problem, split, idx, task_pos, task_set, device):
-    labels = split.labels[idx, torch.tensor(task_set)[task_pos]]
-    return _inputs(problem, split, idx, device), task_pos.to(device), labels.to(device)
-
-
-def _forward(model, method, inputs, head_ids, labels=None):
-    cond = {"task_ids": head_ids} if method.conditioned else {}
-    return model(head_ids=head_ids, labels=labels, **inputs, **cond)
+def batches(problem, split, method, task_set) -> tasks.Batches:
+    """The collator of ``split``'s (sample, task) pairs for ``method`` (``task_ids`` for a task-conditioned one)."""
+    return tasks.Batches(split, task_set, problem.transform, method.conditioned)
 
 
 def train(problem, method, model, adapter, head, task_set, budget, lrs, seed, device, measure_memory):
-    """Train for ``budget.steps`` on (sample, task) pairs of ``task_set`` drawn in a seeded random order; returns
-    (per-step seconds, peak bytes of one extra step or None)."""
+    """Train for ``budget.steps`` on (sample, task) pairs of ``task_set`` in the Trainer's order seeded by ``seed``;
+    returns (per-step seconds, peak bytes of one extra forward and backward or None)."""
     groups = [{"params": head, "lr": lrs["head"]}]
     if adapter:
         groups.append({"params": adapter, "lr": lrs[method.kind]})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    warmup = max(1, budget.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (budget.steps - s) / max(1, budget.steps - warmup))))
-    params = head + adapter
-    g = torch.Generator().manual_seed(seed)
-    n, T = len(problem.train), len(task_set)
-
-    def step(idx, pos):
-        inputs, head_ids, labels = _batch(problem, problem.train, idx, pos, task_set, device)
-        loss, _ = _forward(model, method, inputs, head_ids, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-
-    model.train()
-    times, order, at = [], torch.randperm(n * T, generator=g), 0
-    for _ in range(budget.steps):
-        if at + budget.batch_size > len(order):
-            order, at = torch.randperm(n * T, generator=g), 0
-        pairs, at = order[at:at + budget.batch_size], at + budget.batch_size
-        _sync(device)
-        t0 = time.perf_counter()
-        step(pairs // T, pairs % T)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    trainer, times = tasks.make_trainer(model, tasks.TaskPairs(len(problem.train), len(task_set)),
+                                        batches(problem, problem.train, method, task_set), groups, budget.steps,
+                                        budget.batch_size, seed, device,
+                                        warmup_steps=max(1, budget.steps // 10))  # 10%; the rate starts from 0
+    trainer.train()
     peak = None
     if measure_memory:  # after training, so the profiler never touches the measured run
-        pairs = order[:budget.batch_size]
-        peak = peak_bytes(lambda: step(pairs // T, pairs % T), device)
+        batch = next(iter(trainer.get_train_dataloader()))
+        peak = peak_bytes(lambda: trainer.training_step(model, batch), device)
+        model.zero_grad(set_to_none=True)
     return times, peak
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
 def evaluate(problem, method, model, task_set, device, batch_size=256) -> list[float]:
     """Held-out accuracy of each task in ``task_set``."""
     model.eval()
-    accs, order = [], tasks.in_length_order(problem.test)
+    accs, order, collate = [], tasks.in_length_order(problem.test), batches(problem, problem.test, method, task_set)
     for pos in range(len(task_set)):
         correct = 0
         for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            inputs, head_ids, labels = _batch(problem, problem.test, idx, torch.full_like(idx, pos), task_set,
-                                              device)
-            _, logits = _forward(model, method, inputs, head_ids)
-            correct += int((model_predict(model, logits, head_ids) == labels).sum())
+            batch = {k: v.to(device) for k, v in collate([(int(k), pos) for k in order[i:i + batch_size]]).items()}
+            labels = batch.pop("labels")
+            _, logits = model(**batch)
+            correct += int((model_predict(model, logits, batch["head_ids"]) == labels).sum())
         accs.append(correct / len(problem.test))
     return accs
 
@@ -409,11 +373,12 @@ def pooled_features(problem, split, device, batch_size=256) -> torch.Tensor:
     """The frozen encoder's pooled features of ``split`` (in the split's order), pooled as the classifier pools
     them."""
     encoder, order = problem.encoder.to(device).eval(), tasks.in_length_order(split)
-    out = torch.empty(len(split), problem.encoder.config.hidden_size)
+    out, collate = torch.empty(len(split), problem.encoder.config.hidden_size), tasks.Batches(split, [0],
+                                                                                               problem.transform)
     with torch.inference_mode():
         for i in range(0, len(split), batch_size):
             idx = order[i:i + batch_size]
-            inputs = _inputs(problem, split, idx, device)
+            inputs = {k: v.to(device) for k, v in collate.inputs(idx).items()}
             out[idx] = tasks.pool(encoder(**inputs).last_hidden_state, inputs.get("attention_mask"),
                                   problem.pool).cpu()
     return out
@@ -463,7 +428,8 @@ def parse_args(argv=None):
                         "preset's, docs/tuned_lrs.json for cpu-small and ci; none: the fixed rates per kind)")
     p.add_argument("--head-init", choices=("probe", "random"), default="probe",
                    help="heads start from the linear probe on the frozen features (LP-FT) or from random")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda (the first visible GPU: pick another with CUDA_VISIBLE_DEVICES)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on CPU")
     p.add_argument("--text-model", default=None,
                    help="text encoder: local folder, installed model package or Hub id (default: the offline "
@@ -548,9 +514,12 @@ def resolve(args):
             raise SystemExit(f"error: --tune must be comma-separated positive learning rates, got {args.tune!r}") \
                 from None
     try:
-        torch.device(args.device)
+        device = torch.device(args.device)
     except RuntimeError as e:
         raise SystemExit(f"error: --device {args.device!r}: {e}") from None
+    if device.type == "cuda" and device.index not in (None, 0):  # the Trainer trains on its process's GPU
+        raise SystemExit(f"error: --device {args.device!r}: training runs on the first visible GPU; pick the GPU "
+                         f"with CUDA_VISIBLE_DEVICES={device.index} and --device cuda")
     return task_names, [METHODS[m] for m in method_names], preset
 
 

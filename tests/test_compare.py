@@ -139,6 +139,36 @@ def test_the_frozen_base_trains_on_cached_features_as_on_the_encoder(tmp_path):
     assert not torch.allclose(heads[0], heads[2], atol=1e-3)
 
 
+def test_runs_train_through_the_trainer_with_two_rates_and_one_schedule(tmp_path, monkeypatch):
+    """A run is ``transformers.Trainer.train()`` (``make_trainer``): the head and the adapter as two AdamW groups at
+    their own rates, both trained; 10% linear warm-up then linear decay to 0; clipping at 1.0; one time per step;
+    the peak memory of one more forward and backward. No backward call is written by hand in the comparison."""
+    from scripts import _compare_tasks as tasks
+
+    made, make_trainer = [], tasks.make_trainer
+
+    def spy(*args, **kwargs):
+        made.append(make_trainer(*args, **kwargs))
+        return made[-1]
+    monkeypatch.setattr(tasks, "make_trainer", spy)
+    problem = tasks.vision_problem(_random_vit(tmp_path / "vit"), "random ViT")
+    lora, budget, lrs = compare.METHODS["lora-r4"], compare.Budget(20, 8), {"head": 1e-2, "matrix": 3e-3}
+    model, adapter, head = compare.build_model(problem, lora, [0], 0, "cpu")
+    before = [p.detach().clone() for p in adapter + head]
+    times, peak = compare.train(problem, lora, model, adapter, head, [0], budget, lrs, 0, "cpu", measure_memory=True)
+    (trainer, _), = made
+    assert len(times) == 20 and all(t > 0 for t in times) and peak > 0
+    groups = trainer.optimizer.param_groups
+    assert [g["initial_lr"] for g in groups] == [1e-2, 3e-3] and [len(g["params"]) for g in groups] == [2, len(adapter)]
+    assert all(not torch.equal(a, b) for a, b in zip(before, adapter + head)), "every trained tensor moved"
+    factor = trainer.lr_scheduler.lr_lambdas[0]  # the Trainer's "linear" schedule with 2 warm-up steps
+    assert [factor(s) for s in (0, 1, 2, 11, 20)] == pytest.approx([0, 0.5, 1, 0.5, 0])
+    assert (trainer.args.max_grad_norm, trainer.args.weight_decay, trainer.args.max_steps) == (1.0, 0.0, 20)
+    assert all(p.grad is None for p in model.parameters()), "the memory step leaves no gradients behind"
+    for script in ("compare.py", "_compare_tasks.py"):
+        assert ".backward(" not in (REPO / "scripts" / script).read_text(), script
+
+
 def test_text_batches_are_cut_after_their_last_real_token():
     """Evaluation and the probe take texts shortest first, and a batch loses the columns where every text is
     padding; a left-padded batch (its last column always holds a token) and images are left as they are."""
@@ -260,6 +290,8 @@ def test_text_pool_picks_the_features_the_head_reads(tmp_path):
     (["--tune", "1e-3,0"], r"--tune must be comma-separated positive learning rates, got '1e-3,0'"),
     (["--tune", "fast"], r"--tune must be comma-separated positive learning rates, got 'fast'"),
     (["--method-lrs", "no_such_lrs.json"], r"--method-lrs 'no_such_lrs.json' does not exist"),
+    (["--device", "cuda:1"], r"--device 'cuda:1': training runs on the first visible GPU; pick the GPU with "
+                              r"CUDA_VISIBLE_DEVICES=1"),
     (["--tasks", "vision", "--vit-model", "/no/such/vit"], r"could not load '/no/such/vit'"),
     (["--tasks", "text", "--text-dataset", "no_such_file.jsonl"], r"data file no_such_file.jsonl does not exist"),
 ])
