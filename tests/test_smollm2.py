@@ -25,13 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 ALIAS = "smollm2-135m-instruct"
 INSTALL = models.ALIASES[ALIAS].install
 
-# adapter -> (config, conditioned): small target sets keep each step cheap (30 layers)
+# adapter -> (config, conditioned, learning rate). Only the top layers are adapted: backward then stops there, which
+# keeps a step cheap on a 30-layer model (the forward still runs every layer).
+TOP = "layers_to_transform=[26, 27, 28, 29]"
 ADAPTERS = {
-    "gated_lora": ("GatedLoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'])", False),
-    "hada_ia3": ("HadaIA3Config(target_modules=['k_proj', 'v_proj', 'down_proj'], feedforward_modules=['down_proj'])",
-                 False),
-    "film": ("FiLMConfig(target_modules=['o_proj', 'down_proj'], num_tasks=2)", True),
-    "hypermod": ("HyperModConfig(target_modules=['q_proj', 'v_proj'], num_tasks=2)", True),
+    "gated_lora": (f"GatedLoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'], {TOP})", False, 1e-2),
+    "hada_ia3": ("HadaIA3Config(target_modules=['k_proj', 'v_proj', 'down_proj'], feedforward_modules=['down_proj'], "
+                 f"{TOP})", False, 3e-2),
+    "film": (f"FiLMConfig(target_modules=['o_proj', 'down_proj'], num_tasks=2, {TOP})", True, 3e-2),
+    "hypermod": (f"HyperModConfig(target_modules=['q_proj', 'v_proj'], num_tasks=2, {TOP})", True, 1e-2),
 }
 
 
@@ -71,7 +73,7 @@ def smollm2(cache):
         assert not models.cached_path(ALIAS).exists()
         path = models.resolve_model(ALIAS)  # cold: converts
         assert len(conversions) == 1 and Path(path) == models.cached_path(ALIAS)
-        assert Path(path).parent.parent == cache / ALIAS
+        assert Path(path).parent == cache / ALIAS
         model, tok = models.load_causal_lm(ALIAS)  # warm: the cached folder, no conversion
         assert len(conversions) == 1
     finally:
@@ -113,10 +115,10 @@ def test_real_weights_answer(smollm2):
 
 
 def _batch(tok):
-    """8 real chat rows (4 BBC articles x 2 tasks: section, headline), short, right-padded; loss on every token."""
+    """4 real chat rows (2 BBC articles x 2 tasks: section, headline), short, right-padded; loss on every token."""
     from recipes.data_llm import multitask_dataset
 
-    ds = multitask_dataset("train", size=4, max_words=12)
+    ds = multitask_dataset("train", size=2, max_words=8)
     texts = [tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=False) for r in ds]
     tok.padding_side = "right"
     batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -126,7 +128,7 @@ def _batch(tok):
 
 
 def test_each_adapter_trains_and_reloads_in_a_fresh_process(smollm2, tmp_path):
-    """Acceptance: every adapter type lowers the loss on real text in 4 AdamW steps, and PeftModel.from_pretrained
+    """Acceptance: every adapter type lowers the loss on real text in 4 AdamW steps (the same batch), and PeftModel.from_pretrained
     in a fresh process gives the same logits (fp32, <= 1e-5)."""
     import hadapeft
     from peft import get_peft_model
@@ -135,14 +137,14 @@ def test_each_adapter_trains_and_reloads_in_a_fresh_process(smollm2, tmp_path):
     batch, task_ids = _batch(tok)
     torch.save({"batch": batch, "task_ids": task_ids}, tmp_path / "batch.pt")
     expected, table = {}, []
-    for name, (config, conditioned) in ADAPTERS.items():
+    for name, (config, conditioned, lr) in ADAPTERS.items():
         torch.manual_seed(0)
         cfg = eval(f"hadapeft.{config}")  # noqa: S307  (a literal from the table above)
         cfg.task_type = "CAUSAL_LM"
         peft_model = get_peft_model(model, cfg)
         kw = {"task_ids": task_ids} if conditioned else {}
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-2)
+        opt = torch.optim.AdamW(params, lr=lr)
         losses = []
         for _ in range(4):
             peft_model.train()
@@ -170,7 +172,7 @@ def test_each_adapter_trains_and_reloads_in_a_fresh_process(smollm2, tmp_path):
         torch.set_num_threads(2)
         data = torch.load({str(tmp_path / 'batch.pt')!r})
         out = {{}}
-        for name, conditioned in {[(n, c) for n, (_, c) in ADAPTERS.items()]!r}:
+        for name, conditioned in {[(n, c) for n, (_, c, _) in ADAPTERS.items()]!r}:
             base, _ = load_causal_lm({path!r})
             model = PeftModel.from_pretrained(base, {str(tmp_path)!r} + "/" + name).eval()
             kw = {{"task_ids": data["task_ids"]}} if conditioned else {{}}
