@@ -149,10 +149,10 @@ def generation_accuracy(model, tokenizer, examples, batch_size: int = 16, max_ne
             chunk = examples[start:start + batch_size]
             texts = [tokenizer.apply_chat_template(e["prompt"], tokenize=False, add_generation_prompt=True)
                      for e in chunk]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             kwargs = {}
             if task_ids is not None:
-                kwargs["task_ids"] = torch.as_tensor(list(task_ids[start:start + batch_size]))
+                kwargs["task_ids"] = torch.as_tensor(list(task_ids[start:start + batch_size]), device=model.device)
             with torch.no_grad():
                 out = model.generate(**batch, **kwargs, do_sample=False, max_new_tokens=max_new_tokens,
                                      pad_token_id=tokenizer.pad_token_id)
