@@ -26,10 +26,11 @@ ALIAS = "smollm2-135m-instruct"
 INSTALL = models.ALIASES[ALIAS].install
 
 # adapter -> (config, conditioned, learning rate). Only the top layers are adapted: backward then stops there, which
-# keeps a step cheap on a 30-layer model (the forward still runs every layer).
+# keeps a step cheap on a 30-layer model (the forward still runs every layer). Gated LoRA starts at gate 1, where its
+# branch gets no gradient until the gate moves: at 1e-2 its loss fell only 3.499 -> 3.428 in 4 steps.
 TOP = "layers_to_transform=[26, 27, 28, 29]"
 ADAPTERS = {
-    "gated_lora": (f"GatedLoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'], {TOP})", False, 1e-2),
+    "gated_lora": (f"GatedLoraConfig(r=8, lora_alpha=16, target_modules=['q_proj', 'v_proj'], {TOP})", False, 5e-2),
     "hada_ia3": ("HadaIA3Config(target_modules=['k_proj', 'v_proj', 'down_proj'], feedforward_modules=['down_proj'], "
                  f"{TOP})", False, 3e-2),
     "film": (f"FiLMConfig(target_modules=['o_proj', 'down_proj'], num_tasks=2, {TOP})", True, 3e-2),
