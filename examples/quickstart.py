@@ -25,11 +25,11 @@ What it does
    exactly the same answers.
 
 Measured on the 2-core dev machine, defaults (Gated LoRA r=16 on q/k/v/o, 40 steps of batch 8, lr 2e-3, 100 held out):
-before 0.000 (the model answers "The article is about ..."), after 0.810, reloaded 0.810 with identical generations;
-training loss 2.67 (steps 1-5) -> 0.21 (steps 36-40). The machine was shared (load average 8-10 on 2 cores), so the
-wall times were 4-5x an idle machine's: load 3 s, eval before 125 s, train 1,270 s, eval after 91 s, reload 82 s
-(1,588 s wall; 505 CPU seconds in all, so an estimated 4-5 minutes on 2 idle cores -- not measured idle). The one-time conversion took 19 s on
-near-idle cores (75 s under that load).
+before 0.000 (the model answers in sentences: "The article is about ..."), after 0.820, reloaded 0.820 with identical
+generations; training loss 2.96 (steps 1-5) -> 0.25 (steps 36-40). The machine was shared (load average 2-10 on 2
+cores), so wall times are not an idle machine's; wall (CPU) seconds: load 2 (1), eval before 118 (33), train 1,084
+(372), eval after 44 (33), reload 26 (41); 1,304 s wall and 487 CPU seconds in all, an estimated 4-5 minutes on 2
+idle cores (not measured idle). The one-time conversion took 19 s on near-idle cores (56-75 s under load).
 """
 
 from __future__ import annotations
