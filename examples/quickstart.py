@@ -17,9 +17,9 @@ What it does
    split holds out ``--eval-size`` articles.
 3. Scores the held-out prompts BEFORE training: greedy generation, normalised exact match. The instruct model knows
    the topics but answers in sentences ("The article is about ..."), so it scores ~0.
-4. Trains a Gated LoRA adapter (``--adapter``) for a FIXED number of steps (``--steps``) with
-   ``hadapeft.SFTTrainer`` (TRL's SFTTrainer; the loss is on the answer only), through one function,
-   :func:`train_sft`, that takes the whole job as a config.
+4. Trains a Gated LoRA adapter (``--adapter``) for a FIXED number of steps (``--steps``) through the SFT recipe
+   (``recipes.sft`` on ``recipes/configs/sft_smollm2_bbc.yaml``: ``hadapeft.SFTTrainer``, TRL's SFTTrainer, the loss
+   on the answer only), which also saves the adapter with its model card and reports the held-out loss.
 5. Scores the held-out prompts AFTER training, saves the adapter (``save_pretrained``), reloads it in a fresh Python
    process (``import hadapeft; PeftModel.from_pretrained(base, dir)``) and checks that the reloaded model generates
    exactly the same answers.
@@ -41,7 +41,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import recipes  # noqa: F401  (sets OMP_WAIT_POLICY=PASSIVE before torch is imported: see recipes/__init__.py)
@@ -54,59 +53,31 @@ META_FILE = "quickstart.json"  # written next to the adapter: how to rebuild the
 RESULT_TAG = "QUICKSTART_RESULT "  # the --eval-only process prints its result on a line starting with this
 
 
-def adapter_config(name: str):
-    """The adapter the quick start trains (``--adapter``); both were measured on this task, see the README."""
-    import hadapeft
-
-    if name == "gated_lora":  # attention projections of every layer, r=16 (s = 2)
-        return hadapeft.GatedLoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                                        task_type="CAUSAL_LM")
-    if name == "hada_ia3":
-        return hadapeft.HadaIA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
-                                      feedforward_modules=["down_proj"], task_type="CAUSAL_LM")
-    raise SystemExit(f"error: unknown adapter {name!r} (gated_lora, hada_ia3)")
+SFT_CONFIG = "recipes/configs/sft_smollm2_bbc.yaml"  # the recipe config this job runs (model, adapter, data, steps)
+ADAPTERS = {  # --adapter: the config's Gated LoRA, or HadaIA3
+    "gated_lora": None,
+    "hada_ia3": {"type": "hada_ia3", "target_modules": ["k_proj", "v_proj", "down_proj"],
+                 "feedforward_modules": ["down_proj"]},
+}
 
 
 # ----------------------------------------------------------------------------------------------------------- train
-@dataclass
-class SFTJob:
-    """One supervised fine-tuning run: what :func:`train_sft` needs besides the data."""
+def train_sft(args, model_path: str):
+    """Train through the SFT recipe (``recipes.sft``: ``hadapeft.SFTTrainer``, TRL) on ``SFT_CONFIG`` with this
+    run's settings as flags; returns the recipe's result (``.model``: the trained PeftModel, saved with its model card
+    and ``hadapeft_training.json`` in ``.output_dir``; ``.trainer.state.log_history``: the losses)."""
+    from recipes import common, sft
 
-    model: str  # local model folder (recipes.models.resolve_model's output) or Hub id
-    peft_config: object  # a hadapeft (or peft) adapter config
-    output_dir: str  # the trainer's working folder (logs); the adapter is saved by the caller
-    max_steps: int = 40  # optimizer steps (fixed: the result does not depend on the machine's speed)
-    batch_size: int = 8
-    learning_rate: float = 2e-3
-    warmup_steps: int = 4  # then linear decay to 0 at max_steps
-    max_length: int = 256  # tokens per example (prompt + answer; longer ones are cut)
-    seed: int = 0
-    logging_steps: int = 5
-    progress: bool = True  # the Trainer's progress bar
-    extra: dict = field(default_factory=dict)  # any other SFTConfig field
-
-
-def train_sft(job: SFTJob, train_dataset, model=None, tokenizer=None):
-    """Train ``job.peft_config`` on ``train_dataset`` (TRL prompt / completion or messages rows; a ``task_ids`` column
-    for conditioned adapters) with ``hadapeft.SFTTrainer``; returns the trainer (``trainer.model``: the PeftModel,
-    ``trainer.state.log_history``: the losses). ``model`` / ``tokenizer``: already loaded ones (else ``job.model``)."""
-    from trl import SFTConfig
-
-    import hadapeft
-
-    if model is None or tokenizer is None:
-        model, tokenizer = load_causal_lm(job.model)
-    args = SFTConfig(output_dir=job.output_dir, max_steps=job.max_steps, per_device_train_batch_size=job.batch_size,
-                     learning_rate=job.learning_rate, lr_scheduler_type="linear", warmup_steps=job.warmup_steps,
-                     max_length=job.max_length, seed=job.seed, logging_steps=job.logging_steps,
-                     save_strategy="no", report_to="none", disable_tqdm=not job.progress,
-                     # fp32 like the model (TRL's default is bf16 autocast), and no activation recomputation (TRL's
-                     # default too): a 135M model's activations fit, and recomputing them costs a forward per step.
-                     **{"bf16": False, "gradient_checkpointing": False, **job.extra})
-    trainer = hadapeft.SFTTrainer(model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
-                                  peft_config=job.peft_config)
-    trainer.train()
-    return trainer
+    flags = ["--config", str(REPO_ROOT / SFT_CONFIG), "--model_name_or_path", model_path,
+             "--output_dir", args.output_dir, "--max_steps", str(args.steps),
+             "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.lr),
+             "--seed", str(args.seed), "--eval_size", str(args.eval_size), "--max_words", str(args.max_words),
+             "--logging_steps", str(args.logging_steps), "--disable_tqdm", str(args.no_progress)]
+    if ADAPTERS[args.adapter] is not None:
+        flags += ["--adapter", json.dumps(ADAPTERS[args.adapter])]
+    model_args, adapter_args, data_args, train_args = sft.parse(flags)
+    trainer, run = sft.build_trainer(model_args, adapter_args.adapter, data_args, train_args)
+    return common.fit(trainer, run)
 
 
 # ------------------------------------------------------------------------------------------------------------ eval
@@ -210,16 +181,15 @@ def run(args) -> dict:
         before, before_gens = score(model, tok, eval_ds, meta, desc="eval (before)")
     print(f"BEFORE training: held-out exact match {before:.3f}")
 
-    job = SFTJob(model=model_path, peft_config=adapter_config(args.adapter), output_dir=args.output_dir,
-                 max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
-                 logging_steps=args.logging_steps, progress=not args.no_progress)
+    del model  # the recipe loads its own copy (a cached load: 0.3 s)
     with phase("train"):
-        trainer = train_sft(job, train_ds, model, tok)
-    peft_model = trainer.model
+        result = train_sft(args, model_path)
+    trainer, peft_model = result.trainer, result.model
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     print(f"trained {args.adapter} ({n_train:,} trainable parameters) for {trainer.state.global_step} steps "
-          f"in {phase.wall['train']:.0f}s; loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+          f"in {phase.wall['train']:.0f}s; loss {losses[0]:.3f} -> {losses[-1]:.3f}; held-out loss "
+          f"{result.metrics.get('eval_loss', float('nan')):.3f}")
 
     with phase("eval_after"):
         after, after_gens = score(peft_model, tok, eval_ds, meta, desc="eval (after)")
@@ -227,8 +197,7 @@ def run(args) -> dict:
     print("a few held-out articles (BBC section):")
     show(eval_ds, before_gens, after_gens, args.show)
 
-    out = Path(args.output_dir)
-    peft_model.save_pretrained(str(out))
+    out = Path(result.output_dir)  # the recipe saved the adapter there
     (out / META_FILE).write_text(json.dumps({**meta, "steps": trainer.state.global_step, "after": after,
                                              "generations": after_gens}, indent=2))
     print(f"saved the adapter to {out}/")

@@ -205,14 +205,17 @@ def split_eval(rows: list, size: float, seed: int) -> tuple[list, list]:
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
 
-def read_splits(d: DataArguments, seed: int, rows: Optional[list] = None) -> tuple[list[dict], list[dict]]:
-    """(train, eval) rows: ``rows`` (a built-in data set) or ``train_file``, and ``eval_file`` or ``eval_size`` rows
-    held out; each cut to ``max_*_samples``."""
+def read_splits(d: DataArguments, seed: int, rows: Optional[list] = None,
+                held_out: Optional[list] = None) -> tuple[list[dict], list[dict]]:
+    """(train, eval) rows: ``rows`` (a built-in data set) or ``train_file``, and ``held_out`` (a built-in data set's
+    own split), ``eval_file`` or ``eval_size`` rows held out; each cut to ``max_*_samples``."""
     if rows is None:
         if not d.train_file:
             raise ConfigError("train_file is not set")
         rows = loading.read_records(d.train_file, "train")
-    if d.eval_file:
+    if held_out is not None:
+        train, held = rows, held_out
+    elif d.eval_file:
         train, held = rows, loading.read_records(d.eval_file, "validation")
     else:
         train, held = split_eval(rows, d.eval_size, seed)

@@ -30,8 +30,24 @@ ALPACA = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 
 
+# Built-in offline data sets (``dataset:``): name -> (train rows, held-out rows) from the data arguments and seed.
+def _bbc_news_sections(d: "SFTDataArguments", seed: int) -> tuple[list[dict], list[dict]]:
+    from recipes import data_llm
+
+    held = int(d.eval_size) if d.eval_size >= 1 else 200
+    return tuple(data_llm.topic_dataset(split, seed=seed, eval_size=held, max_words=d.max_words).to_list()
+                 for split in ("train", "test"))
+
+
+DATASETS = {"bbc_news_sections": _bbc_news_sections}
+
+
 @dataclass
 class SFTDataArguments(common.DataArguments):
+    dataset: Optional[str] = field(default=None, metadata={
+        "help": "A built-in offline data set instead of train_file: bbc_news_sections (the BBC section of a news "
+                "article, answered in one word; eval_size articles held out, see recipes/data_llm.py)."})
+    max_words: int = field(default=32, metadata={"help": "bbc_news_sections: article words after the headline."})
     chat_template: Optional[str] = field(default=None, metadata={
         "help": "Jinja chat template for tokenizers without one (or to replace theirs)."})
     prompt_template: Optional[str] = field(default=None, metadata={
@@ -71,7 +87,13 @@ def build_trainer(model_args: common.ModelArguments, adapter: Optional[dict], da
     fields the config leaves out (``num_tasks``)."""
     import datasets
 
-    if train_rows is None:
+    if train_rows is None and data_args.dataset:
+        if data_args.dataset not in DATASETS:
+            raise common.ConfigError(f"dataset={data_args.dataset!r}: the built-in data sets are {sorted(DATASETS)} "
+                                     f"(or set train_file)")
+        train, held = DATASETS[data_args.dataset](data_args, args.seed)
+        train_rows, eval_data = common.read_splits(data_args, args.seed, train, held)
+    elif train_rows is None:
         train_rows, eval_data = common.read_splits(data_args, args.seed)
     tok = common.load_tokenizer(model_args, args)
     if data_args.chat_template:
