@@ -68,6 +68,15 @@ for line in sys.stdin:
 """
 
 
+def _reply(zygote) -> list[str]:
+    """The zygote's next reply line, split: its lines start with READY or a pid; lines libraries log to stdout on
+    import (DeepSpeed's accelerator detection, when it is installed) are skipped."""
+    while True:
+        line = zygote.stdout.readline()
+        if not line or line.split()[0] == "READY" or line.strip().isdigit():
+            return line.split()
+
+
 def _wait_gone(pid: int, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -91,7 +100,7 @@ def test_save_killed_at_random_moments_leaves_old_or_new(tmp_path):
     zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, base_dir, ref_a, ref_b, target], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=env)
     try:
-        ready = zygote.stdout.readline().split()
+        ready = _reply(zygote)
         assert ready and ready[0] == "READY", ready
         assert int(ready[1]) > 2_000_000  # big enough that a kill lands mid-write
         Path(target, "notes.txt").write_text("user file")
@@ -108,7 +117,7 @@ def test_save_killed_at_random_moments_leaves_old_or_new(tmp_path):
         for _ in range(20):
             zygote.stdin.write("go\n")
             zygote.stdin.flush()
-            pid = int(zygote.stdout.readline())
+            pid = int(_reply(zygote)[0])
             time.sleep(rng.uniform(0, 3 * save_s))
             os.kill(pid, signal.SIGKILL)
             _wait_gone(pid)
