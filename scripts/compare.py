@@ -67,8 +67,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-# libgomp's default busy-wait makes torch's threads ~5x slower when another process shares the cores (see
-# examples/quickstart.py); only takes effect before torch is imported, as under ``python -m scripts.compare``.
+# libgomp's default busy-wait makes torch's threads several times slower when another process shares the cores (see
+# recipes/__init__.py); only takes effect before torch is imported, as under ``python -m scripts.compare``.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
