@@ -12,9 +12,8 @@ import os
 
 # With its default busy-waiting, libgomp makes torch's OpenMP threads several times slower whenever another process
 # shares the cores (measured on the 2-core dev machine: 5.3 s vs 0.8 s per MiniLM training step; the comparison's ViT
-# pre-training under load ~8: 1,030 s vs 24 s), which is
-# the normal case under `accelerate launch --num_processes N`. Only takes effect before torch is imported; an
-# explicit setting wins.
+# pre-training under load ~8: 1,030 s vs 24 s), which is the normal case under `accelerate launch --num_processes N`.
+# Only takes effect before torch is imported; an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # bitsandbytes >= 0.50 tries to fetch an optional CPU 4-bit kernel from the Hub (kernels-community) when it is
