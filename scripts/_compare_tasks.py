@@ -166,9 +166,9 @@ def make_trainer(model, train_dataset, collator, param_groups: list[dict], steps
     reporting. Returns (trainer, step times): ``trainer.train()`` appends each optimizer step's seconds to the list (forward,
     backward, clipping, update; the batch is collated before the step begins), CUDA synchronised at both ends.
 
-    The recipes' training settings and batching are the base (``recipes.common.TRAINING_DEFAULTS``, the Trainer's
-    scheduler, ``recipes.common.WholeBatchesMixin``); what differs is the comparison's protocol: two rates, a step
-    budget, no saving or logging."""
+    The recipes' training settings are the base (``recipes.common.TRAINING_DEFAULTS``, the Trainer's scheduler);
+    what differs is the comparison's protocol: two rates, a step budget, no saving or logging. (Evaluation does not
+    go through the Trainer, so the recipes' ``WholeBatchesMixin`` has nothing to do here.)"""
     global _TRAINER_DIR
     from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
@@ -201,9 +201,9 @@ def make_trainer(model, train_dataset, collator, param_groups: list[dict], steps
             sync()
             times.append(time.perf_counter() - self.t0)
 
-    trainer = type("ComparisonTrainer", (common.WholeBatchesMixin, Trainer), {})(
-        model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-        optimizers=(torch.optim.AdamW(param_groups, weight_decay=weight_decay), None), callbacks=[StepTimer()])
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                      optimizers=(torch.optim.AdamW(param_groups, weight_decay=weight_decay), None),
+                      callbacks=[StepTimer()])
     trainer.remove_callback(PrinterCallback)  # it prints every run's final training metrics
     return trainer, times
 
