@@ -75,7 +75,9 @@ def article_text(a: Article, max_words: int) -> str:
     return f"{a.headline}\n{' '.join(words[:max_words])}{' ...' if len(words) > max_words else ''}"
 
 
-def _rows(articles: Sequence[Article], tasks: Sequence[int], max_words: int, instructions: bool) -> dict:
+def chat_rows(articles: Sequence[Article], tasks: Sequence[int], max_words: int, instructions: bool) -> dict:
+    """Columns ``prompt`` / ``completion`` (conversational) of each article for each task id in ``tasks``, article by
+    article; ``instructions``: the task's instruction as the system turn (else none: the chat template's default)."""
     rows = {"prompt": [], "completion": []}
     for a in articles:
         for task in tasks:
@@ -96,7 +98,7 @@ def topic_dataset(split: str = "train", seed: int = 0, eval_size: int = 200, max
 
     train, test = split_articles(seed, eval_size)
     articles = {"train": train, "test": test}[split][:size]
-    return datasets.Dataset.from_dict(_rows(articles, (0,), max_words, instructions=True))
+    return datasets.Dataset.from_dict(chat_rows(articles, (0,), max_words, instructions=True))
 
 
 def multitask_dataset(split: str = "train", seed: int = 0, eval_size: int = 200, max_words: int = 32,
@@ -107,7 +109,7 @@ def multitask_dataset(split: str = "train", seed: int = 0, eval_size: int = 200,
 
     train, test = split_articles(seed, eval_size)
     articles = {"train": train, "test": test}[split][:size]
-    rows = _rows(articles, (0, 1), max_words, instructions)
+    rows = chat_rows(articles, (0, 1), max_words, instructions)
     rows["task_ids"] = [0, 1] * len(articles)
     return datasets.Dataset.from_dict(rows)
 

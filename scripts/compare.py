@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import time
@@ -73,11 +74,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from scripts import _compare_llm as llm  # noqa: E402
 from scripts import _compare_report as report  # noqa: E402
 from scripts import _compare_tasks as tasks  # noqa: E402
 from scripts.memory import peak_bytes  # noqa: E402
 
-TASKS = ("text", "vision", "multitask")
+ENCODER_TASKS = ("text", "vision", "multitask")
+TASKS = ENCODER_TASKS + llm.TASKS
 REPO = Path(__file__).resolve().parents[1]
 # The adapter learning rates the published table uses, per task and method, picked on a validation split (first
 # seed) by ``--preset cpu-small --tune``: the ViT tasks' from the grid 1e-3 to 1e-1, the text task's from 1e-3 to
@@ -116,6 +119,17 @@ class Preset:
     method_lrs: dict = field(default_factory=dict)  # task -> method -> adapter learning rate (from --tune)
     # read into method_lrs, in order (a later file's tasks replace an earlier one's), unless --method-lrs is given
     method_lrs_files: tuple[Path, ...] = ()
+    tasks: tuple[str, ...] = ENCODER_TASKS  # what runs without --tasks
+    # causal-LM tasks: article words after the headline, training articles (rows are drawn from these), held-out
+    # articles
+    llm_max_words: int = 8
+    llm_train_articles: int = 600
+    llm_test_articles: int = 100
+    # --tune: None tries every grid value; N starts from the N grid values around the method's default rate and
+    # extends the window one value at a time while the best is at its edge (the causal-LM runs are too costly to
+    # try every rate for every method, and their best rates span two decades: HyperMod diverges where HiRA barely
+    # moves)
+    tune_window: Optional[int] = None
 
     def task_rates(self, task: str) -> dict:
         """The rate per parameter kind on ``task``: the preset's, with the task's own where it has them."""
@@ -146,6 +160,7 @@ class Method:
     config: Optional[Callable] = None  # (model_type, num_tasks) -> peft config; None: no adapter
     conditioned: bool = False  # one adapter for all tasks, routed per sample by task_ids
     multitask_only: bool = False  # identical to another method when there is one task
+    task_in_prompt: bool = False  # one adapter for all tasks, told the task by an instruction in the prompt (LLM)
 
 
 def _targets(table: str, model_type: str):
@@ -198,6 +213,27 @@ def _film(table):
     return make
 
 
+def _dora(r):
+    return _lora(r, use_dora=True)
+
+
+def _hira(r):
+    """peft's HiRA: ``W0 + W0 * (B A)``, a multiplicative update (the closest peft method to HyperMod)."""
+    def make(model_type, num_tasks):
+        from peft import HiraConfig
+
+        return HiraConfig(r=r, target_modules=_targets("ATTENTION", model_type))
+    return make
+
+
+def _loha(r):
+    def make(model_type, num_tasks):
+        from peft import LoHaConfig
+
+        return LoHaConfig(r=r, alpha=2 * r, target_modules=_targets("ATTENTION", model_type))
+    return make
+
+
 def _hypermod(model_type, num_tasks):
     import hadapeft
 
@@ -218,6 +254,14 @@ METHODS = {m.name: m for m in [
     Method("film", "hadapeft", "vector", _film("ATTENTION"), conditioned=True),
     Method("film-blocks", "hadapeft", "vector", _film("BLOCK_OUTPUT"), conditioned=True),
     Method("hypermod", "hadapeft", "matrix", _hypermod, conditioned=True),
+    # peft's other methods, run on the causal-LM tasks: DoRA, LoHa (a Hadamard product of two low-rank matrices;
+    # r=8 has LoRA r=16's parameter count), HiRA; and on the multi-task problem one LoRA / HiRA for both tasks with
+    # the task's instruction in the prompt (the usual way to multi-task without task ids)
+    Method("dora-r16", "peft", "matrix", _dora(16)),
+    Method("loha-r8", "peft", "matrix", _loha(8)),
+    Method("hira-r16", "peft", "matrix", _hira(16)),
+    Method("lora-r16-prompt", "peft", "matrix", _lora(16), multitask_only=True, task_in_prompt=True),
+    Method("hira-r16-prompt", "peft", "matrix", _hira(16), multitask_only=True, task_in_prompt=True),
 ]}
 
 # On text, where a run costs ~10 ViT runs, cpu-small runs one option set per adapter family next to peft's LoRA
@@ -231,6 +275,16 @@ _TEXT_METHODS = ("frozen", "lora-r4", "lora-r16", "ia3", "gated-lora-r4", "film"
 # HadaIA3 (peft IA3's maths).
 _CI_METHODS = ("frozen", "lora-r4", "ia3", "gated-lora-r4", "hada-ia3", "hada-ia3-tasks", "film", "hypermod")
 _CI_TEXT_METHODS = ("frozen", "gated-lora-r4", "film", "hypermod")
+
+# The causal-LM tasks (SmolLM2-135M-Instruct, ~2 s per step of 8 rows on 2 cores). Single-task: peft's LoRA at two
+# ranks, DoRA, LoHa, HiRA and IA3 against Gated LoRA, FiLM and HyperMod (HadaIA3 without task conditioning is peft
+# IA3's maths). Multi-task: the conditioned adapters against one LoRA per task and one LoRA / HiRA with the task in
+# the prompt.
+_LLM_TOPIC_METHODS = ("frozen", "lora-r4", "lora-r16", "dora-r16", "loha-r8", "hira-r16", "ia3", "gated-lora-r16",
+                      "film", "hypermod")
+_LLM_MULTI_METHODS = ("frozen", "lora-r16", "lora-r16-prompt", "hira-r16-prompt", "hada-ia3-tasks", "film",
+                      "hypermod")
+TUNED_LRS_LLM = REPO / "docs" / "tuned_lrs_llm.json"
 
 PRESETS = {
     "cpu-small": Preset(seeds=(0, 1, 2), budgets={"text": Budget(200, 16), "vision": Budget(150, 32),
@@ -249,6 +303,18 @@ PRESETS = {
                  about="the CI version: one seed; the text task and split of cpu-small with half its steps, "
                        "head rate 1e-3 and adapter rates tuned for that, hadapeft's adapters only; shorter ViT runs",
                  methods={"text": _CI_TEXT_METHODS, "vision": _CI_METHODS, "multitask": _CI_METHODS}),
+    "llm-cpu": Preset(seeds=(0, 1, 2), budgets={"llm-topic": Budget(16, 8), "llm-multitask": Budget(16, 8)},
+                      tasks=llm.TASKS, methods={"llm-topic": _LLM_TOPIC_METHODS, "llm-multitask": _LLM_MULTI_METHODS},
+                      method_lrs_files=(TUNED_LRS_LLM,), llm_test_articles=80, tune_window=3,
+                      learning_rates={**LEARNING_RATES, "matrix": 1e-2, "vector": 3e-2},
+                      about="the published causal-LM table: SmolLM2-135M-Instruct, under 45 min on 2 CPU cores"),
+    # tests/test_compare_llm.py: a few steps of a few methods on a few articles (the real model all the same)
+    "llm-ci": Preset(seeds=(0,), budgets={"llm-topic": Budget(4, 4), "llm-multitask": Budget(4, 4)},
+                     tasks=llm.TASKS, llm_train_articles=40, llm_test_articles=8,
+                     methods={"llm-topic": ("frozen", "lora-r4", "gated-lora-r16", "hypermod"),
+                              "llm-multitask": ("frozen", "lora-r16", "lora-r16-prompt", "film")},
+                     learning_rates={**LEARNING_RATES, "matrix": 1e-2, "vector": 3e-2},
+                     about="the CI version of llm-cpu: 4 steps, 8 held-out articles, one seed"),
     "full": Preset(seeds=(0, 1, 2, 3, 4), budgets={"text": Budget(1000, 32), "vision": Budget(600, 64),
                                                    "multitask": Budget(1200, 64)},
                    text_max_length=64, text_test_size=2000, about="a longer run for a GPU (not measured here)"),
@@ -336,7 +402,10 @@ def model_predict(model, logits, head_ids):
 
 def run(problem, method, seed, budget, lrs, device, measure_memory, probe_heads=None) -> dict:
     """One (task, method, seed): one model for all tasks, or one per task for a single-task method on a
-    multi-task problem (each trained for steps / T, the step budget is shared)."""
+    multi-task problem (each trained for steps / T, the step budget is shared). Causal-LM problems run in
+    ``_compare_llm``."""
+    if isinstance(problem, llm.LMProblem):
+        return llm.run(problem, method, seed, budget, lrs, device, measure_memory)
     all_tasks = list(range(problem.num_tasks))
     one_per_task = problem.num_tasks > 1 and method.config is not None and not method.conditioned
     task_sets = [[t] for t in all_tasks] if one_per_task else [all_tasks]
@@ -405,9 +474,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m scripts.compare", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small", help="steps, batch sizes and seeds")
-    p.add_argument("--out", default="docs", help="folder for results.md, results.png and results.json")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from the default list")
+    p.add_argument("--out", default="docs",
+                   help="folder for results.json and results.png (causal-LM tasks: results_llm.json and "
+                        "results_llm.png) and results.md, rendered from every results file in the folder")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated, from {', '.join(ENCODER_TASKS)} or from {', '.join(llm.TASKS)} "
+                        f"(default: the preset's)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated, from {', '.join(METHODS)} (default: all; each preset runs its own subset "
+                        f"per task)")
     p.add_argument("--seeds", default=None, help="comma-separated ints (default: the preset's)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run on every task (default: preset)")
     p.add_argument("--text-tokens", type=int, default=None,
@@ -440,6 +515,9 @@ def parse_args(argv=None):
     p.add_argument("--vit-model", default=None,
                    help="vision encoder: local folder or Hub id, e.g. google/vit-base-patch16-224-in21k (default: "
                         "a small ViT pretrained here on digits 0-4)")
+    p.add_argument("--llm-model", default=llm.MODEL,
+                   help="causal LM of the llm-* tasks: the offline alias smollm2-135m-instruct, a local folder or a Hub "
+                        "id (recipes/models.py)")
     p.add_argument("--cache-dir", default="~/.cache/hadapeft/compare", help="where the pretrained small ViT is kept")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -456,15 +534,19 @@ def _pick(given: str, known, what: str) -> list[str]:
 
 def resolve(args):
     """Check every argument before anything runs or is written: (tasks, methods, seeds, preset)."""
-    task_names = _pick(args.tasks, TASKS, "task")
-    method_names = _pick(args.methods, list(METHODS), "method")
+    preset = PRESETS[args.preset]
+    task_names = _pick(args.tasks or ",".join(preset.tasks), TASKS, "task")
+    if set(task_names) & set(llm.TASKS) and set(task_names) & set(ENCODER_TASKS):
+        raise SystemExit(f"error: --tasks {','.join(task_names)}: the causal-LM tasks ({', '.join(llm.TASKS)}) and the "
+                         f"encoder tasks ({', '.join(ENCODER_TASKS)}) are compared in separate runs (each writes its "
+                         f"own results file)")
+    method_names = _pick(args.methods or ",".join(METHODS), list(METHODS), "method")
     if "frozen" not in method_names:
         method_names.insert(0, "frozen")  # the floor every row is read against
     try:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
     except ValueError:
         raise SystemExit(f"error: --seeds must be comma-separated integers, got {args.seeds!r}") from None
-    preset = PRESETS[args.preset]
     if seeds:
         preset = replace(preset, seeds=tuple(seeds))
     if args.steps is not None:
@@ -544,26 +626,59 @@ def tune(problems, methods, preset, grid, args, device, log) -> dict:
     the preset's budget; ties go to the smaller rate). The frozen base keeps the head's rate."""
     choice = {}
     for problem in problems:
-        val = tasks.validation_problem(problem)
-        probe = linear_probe(val, device)
+        is_llm = isinstance(problem, llm.LMProblem)
+        val = llm.validation_problem(problem) if is_llm else tasks.validation_problem(problem)
+        heads = None if is_llm or args.head_init != "probe" else linear_probe(val, device).heads
         for method in methods:
             if method.config is None or not preset.runs_on(method, problem.name, problem.num_tasks):
                 continue
-            scores = {}
-            for lr in grid:
+            scores, losses = {}, {}
+
+            def score_of(lr):
                 row = run(val, method, preset.seeds[0], preset.budgets[problem.name],
-                          preset.learning_rates_for(problem.name, method, lr), device, False,
-                          probe.heads if args.head_init == "probe" else None)
-                scores[lr] = row["accuracy"]
-                log(f"tune {problem.name:9s} {method.name:22s} lr {lr:g}: validation accuracy {scores[lr]:.4f}")
-            best = max(grid, key=lambda lr: (scores[lr], -lr))
+                          preset.learning_rates_for(problem.name, method, lr), device, False, heads)
+                scores[lr], losses[lr] = row["accuracy"], row.get("eval_loss")
+                log(f"tune {problem.name:9s} {method.name:22s} lr {lr:g}: validation accuracy {scores[lr]:.4f}"
+                    + (f", loss {losses[lr]:.4f}" if losses[lr] is not None else ""))
+                # ties (exact match on a small validation set ties often) go to the lower loss, then the smaller rate
+                return scores[lr], -(losses[lr] or 0.0), -lr
+
+            start = preset.learning_rates_for(problem.name, method)[method.kind]
+            best = search(grid, score_of, start, preset.tune_window)
+            tried = sorted(scores)
             choice.setdefault(problem.name, {})[method.name] = {
-                "lr": best, "kind": method.kind, "validation_accuracy": {f"{lr:g}": scores[lr] for lr in grid}}
+                "lr": best, "kind": method.kind, "validation_accuracy": {f"{lr:g}": scores[lr] for lr in tried}}
+            if is_llm:
+                choice[problem.name][method.name]["validation_loss"] = {f"{lr:g}": losses[lr] for lr in tried}
     return choice
 
 
-def load_problems(task_names, args, preset, log) -> list[tasks.Problem]:
+def search(grid: list[float], score_of: Callable[[float], tuple], start: float, window: Optional[int]) -> float:
+    """The grid value with the best ``score_of``. ``window`` None: every value. Else the ``window`` values around
+    the one nearest ``start`` first, then one more value beyond the best while the best is at the edge of what was
+    tried (and the grid goes on): a line search that stops where the score turns down on both sides."""
+    if window is None or window >= len(grid):
+        return max(grid, key=score_of)
+    i = min(range(len(grid)), key=lambda j: abs(math.log(grid[j] / start)))
+    lo = max(0, min(i - window // 2, len(grid) - window))
+    tried = {j: score_of(grid[j]) for j in range(lo, lo + window)}
+    while True:
+        best = max(tried, key=tried.get)
+        step = -1 if best == min(tried) else 1 if best == max(tried) else 0
+        if step == 0 or not 0 <= best + step < len(grid):
+            return grid[best]
+        tried[best + step] = score_of(grid[best + step])
+
+
+def load_problems(task_names, args, preset, log) -> list:
     problems = []
+    if set(task_names) & set(llm.TASKS):
+        from recipes.models import resolve_model
+
+        path = resolve_model(args.llm_model)  # the offline alias: converted once, then cached
+        problems += [llm.load_problem(name, path, preset.llm_max_words, preset.llm_train_articles,
+                                      preset.llm_test_articles, model_name=args.llm_model)
+                     for name in llm.TASKS if name in task_names]
     if "text" in task_names:
         problems.append(tasks.text_problem(args.text_model, args.text_dataset, preset.text_max_length,
                                            preset.text_test_size, preset.text_offset, preset.text_windows,
@@ -585,36 +700,49 @@ def main(argv=None) -> dict:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    if set(task_names) & set(llm.TASKS):
+        import datasets
+
+        datasets.disable_progress_bars()  # TRL's dataset preparation, once per run
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     problems = load_problems(task_names, args, preset, print)
     device = torch.device(args.device)
+    family = "llm" if isinstance(problems[0], llm.LMProblem) else "encoder"
     if args.tune_grid:
         choice = tune(problems, methods, preset, args.tune_grid, args, device, print)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         result = {"command": report.command(argv), "grid": args.tune_grid, "seed": preset.seeds[0],
-                  "validation": "20% of the training sources", "choice": choice}
-        (out / "tuned_lrs.json").write_text(json.dumps(result, indent=1) + "\n")
+                  "validation": ("as many training articles as the held-out set has" if family == "llm" else
+                                 "20% of the training sources"), "choice": choice}
+        (out / ("tuned_lrs_llm.json" if family == "llm" else "tuned_lrs.json")).write_text(
+            json.dumps(result, indent=1) + "\n")
         return result
+    # the frozen LLM is scored once: it does not train, so every seed would give the same numbers
     jobs = [(p, m, s) for p in problems for m in methods if preset.runs_on(m, p.name, p.num_tasks)
-            for s in preset.seeds]
-    rows, probes = [], {p.name: linear_probe(p, device) for p in problems}
+            for s in (preset.seeds[:1] if family == "llm" and m.config is None else preset.seeds)]
+    rows = []
+    probes = {p.name: None if family == "llm" else linear_probe(p, device) for p in problems}
     bar = tqdm(jobs, desc="compare", unit="run", dynamic_ncols=True, disable=args.no_progress)
     for problem, method, seed in bar:
         bar.set_postfix_str(f"{problem.name} {method.name} seed {seed}")
         lrs = preset.learning_rates_for(problem.name, method)
-        on = probes[problem.name].features if method.config is None else problem  # the head alone: cached features
+        probe = probes[problem.name]
+        on = probe.features if probe and method.config is None else problem  # the head alone: cached features
         row = run(on, method, seed, preset.budgets[problem.name], lrs, device, seed == preset.seeds[0],
-                  probes[problem.name].heads if args.head_init == "probe" else None)
-        row["learning_rate"] = lrs[method.kind]
+                  probe.heads if probe and args.head_init == "probe" else None)
+        row["learning_rate"] = lrs[method.kind] if family == "encoder" or method.config is not None else None
         rows.append(row)
-        bar.write(f"{problem.name:9s} {method.name:22s} seed {seed}: accuracy {row['accuracy']:.4f}, "
-                  f"{row['s_per_step'] * 1e3:.0f} ms/step")
+        bar.write(f"{problem.name:9s} {method.name:22s} seed {seed}: accuracy {row['accuracy']:.4f}"
+                  + (f", loss {row['eval_loss']:.4f}" if "eval_loss" in row else "")
+                  + (f", {row['s_per_step'] * 1e3:.0f} ms/step" if row["s_per_step"] is not None else ""))
     bar.close()
-    not_run = {p.name: [m.name for m in methods if preset.skips(m, p.name)] for p in problems}
-    meta = report.metadata(args, argv, preset, problems, {k: v.accuracy for k, v in probes.items()},
-                           time.perf_counter() - t_start, not_run)
+    # methods asked for by name that the preset leaves out of a task (by default every method is asked for, and the
+    # preset's own subset per task is no news)
+    not_run = {p.name: [m.name for m in methods if args.methods and preset.skips(m, p.name)] for p in problems}
+    meta = report.metadata(args, argv, preset, problems, {k: v and v.accuracy for k, v in probes.items()},
+                           time.perf_counter() - t_start, not_run, family)
     return report.write_all(Path(args.out), rows, meta, [m.name for m in methods],
                             {m.name: m.library for m in methods})
 
