@@ -1,14 +1,31 @@
-"""Compare hadapeft's adapters with peft LoRA and IA3 on real data: accuracy, trainable parameters, time, memory.
+"""Compare hadapeft's adapters with peft's methods on real data: accuracy, trainable parameters, time, memory.
 
-    python -m scripts.compare --preset cpu-small            # the published table: docs/results.{md,png,json}
+    python -m scripts.compare --preset llm-cpu              # the causal-LM tables: docs/results_llm.{json,png}
+    python -m scripts.compare --preset llm-ci --out /tmp/cmp # tiny version run by tests/test_compare_llm.py
+    python -m scripts.compare --preset llm-cpu --tune 1e-3,3e-3,1e-2,3e-2,1e-1,3e-1  # docs/tuned_lrs_llm.json
+    python -m scripts.compare --preset cpu-small            # the encoder / ViT tables: docs/results.{json,png}
     python -m scripts.compare --preset ci --out /tmp/cmp     # tiny version run by tests/test_compare.py
     python -m scripts.compare --preset cpu-small --tune 1e-3,3e-3,1e-2,3e-2  # rates for docs/tuned_lrs.json
     python -m scripts.compare --preset ci --tasks text --tune 1e-3,3e-3,1e-2,3e-2 --out docs/ci  # the CI's text rates
     python -m scripts.compare --tasks text --methods frozen,lora-r16,gated-lora-r16 --seeds 0,1,2,3,4 \\
         --text-model sentence-transformers/all-mpnet-base-v2 --text-dataset SetFit/sst2 --device cuda
 
-Protocol
---------
+Each run writes its family's results file into ``--out`` and renders ``results.md`` there from every results file
+in the folder, the causal-LM tables first (``docs/results.md`` shows both families).
+
+Causal LM (``scripts/_compare_llm.py``)
+---------------------------------------
+The real SmolLM2-135M-Instruct (offline, ``recipes/models.py``) fine-tuned through the recipes' SFT trainer
+(``hadapeft.SFTTrainer``, TRL's) on BBC News chat rows (``recipes/data_llm.py``): ``llm-topic`` (single-task SFT: the
+article's section in one word) and ``llm-multitask`` (section or headline over the same prompt, told apart by
+``task_ids`` alone). Scored on held-out articles by greedy exact match and held-out loss from one teacher-forced pass
+(``_compare_llm.score``). Baselines: peft LoRA r=4 and r=16, DoRA, LoHa, HiRA and IA3; on the multi-task problem one
+peft LoRA per task and one LoRA / HiRA with the task's instruction in the prompt. Learning rates per method and task
+are picked on a validation split by ``--tune`` (a window of the grid around the kind's default, widened while the best
+is at its edge: ``Preset.tune_window``) and read from ``docs/tuned_lrs_llm.json``.
+
+Encoders and ViTs: protocol
+---------------------------
 Tasks (``scripts/_compare_tasks.py``; each one a frozen pretrained encoder + a fresh linear head per task):
 
 * ``text``: the real all-MiniLM-L6-v2 (offline package) on real review sentiment: Rotten Tomatoes critics' snippets,
