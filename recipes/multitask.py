@@ -2,10 +2,14 @@
 tasks, each sample routed by its task id: the SFT recipe plus a task column, which ``hadapeft.SFTTrainer`` carries
 into ``model(**batch, task_ids=LongTensor[B])``.
 
-Rows in any SFT format with a ``task`` field (``task_column``). Task names map to ids in sorted order (or the order of
-``tasks``); the adapter's ``num_tasks`` is filled in from the data. Evaluation reports the loss of each task
-(``eval_<task>_loss``). Merge one task into a plain model afterwards with ``python -m scripts.merge OUT --task-id K``.
+Rows in any SFT format with a ``task`` field (``task_column``), or ``dataset: bbc_news_multitask`` (offline, real: each
+BBC News article twice, answered with its section or its headline, see :func:`recipes.data_llm.multitask_dataset`;
+by default both rows carry the same prompt, so the task id is the only signal). Task names map to ids in sorted
+order (or the order of ``tasks``; the built-in set's own order: section 0, headline 1); the adapter's ``num_tasks``
+is filled in from the data. Evaluation reports the loss of each task (``eval_<task>_loss``). Merge one task into a
+plain model afterwards with ``python -m scripts.merge OUT --task-id K``.
 
+    .venv/bin/python -m recipes.multitask --config recipes/configs/multitask_smollm2_bbc.yaml
     .venv/bin/accelerate launch -m recipes.multitask --config recipes/configs/multitask_smoke.yaml
     .venv/bin/python -m recipes.multitask --config recipes/configs/multitask_smoke.yaml --adapter hypermod \\
         --output_dir runs/multitask_hypermod
@@ -21,13 +25,43 @@ from recipes import common, sft
 
 NAME = "multitask"
 DEFAULT_ADAPTER = {"type": "film"}
+BBC_TASKS = ("section", "headline")  # by data_llm.multitask_dataset's task id
+
+
+# Built-in offline data sets (``dataset:``), as sft.DATASETS: name -> (train rows, held-out rows), each row naming its
+# task in ``task_column``; TASKS: their task names in id order.
+def _bbc_news_multitask(d: "MultiTaskDataArguments", seed: int) -> tuple[list[dict], list[dict]]:
+    from recipes import data_llm
+
+    held = sft.held_out_articles(d)
+
+    def rows(split):
+        data = data_llm.multitask_dataset(split, seed=seed, eval_size=held, max_words=d.max_words,
+                                          instructions=d.instructions)
+        return [{"prompt": r["prompt"], "completion": r["completion"], d.task_column: BBC_TASKS[r["task_ids"]]}
+                for r in data.to_list()]
+
+    return rows("train"), rows("test")
+
+
+DATASETS = {"bbc_news_multitask": _bbc_news_multitask}
+TASKS = {"bbc_news_multitask": BBC_TASKS}
 
 
 @dataclass
 class MultiTaskDataArguments(sft.SFTDataArguments):
+    dataset: Optional[str] = field(default=None, metadata={
+        "help": "A built-in offline data set instead of train_file: bbc_news_multitask (each BBC News article twice, "
+                "task section: its section in one word, task headline: its headline; eval_size articles held out, "
+                "see recipes/data_llm.py)."})
+    max_words: int = field(default=32, metadata={"help": "bbc_news_multitask: article words after the headline."})
+    instructions: bool = field(default=False, metadata={
+        "help": "bbc_news_multitask: each prompt starts with its task's instruction (a system turn); default: both "
+                "tasks see the same prompt, so the task id is the only signal."})
     task_column: str = field(default="task", metadata={"help": "The column naming each row's task."})
     tasks: Optional[list[str]] = field(default=None, metadata={
-        "help": "Task names in id order; default: the training data's distinct tasks, sorted."})
+        "help": "Task names in id order; default: the built-in data set's order, else the training data's distinct "
+                "tasks, sorted."})
 
 
 def with_task_ids(rows: list[dict], tasks: list[str], column: str, where: str) -> list[dict]:
@@ -50,9 +84,12 @@ def build_trainer(model_args, adapter: Optional[dict], data_args: MultiTaskDataA
         raise common.ConfigError(f"adapter type {block.get('type')!r} takes no task ids; the multitask recipe needs a "
                                  f"task-conditioned adapter (film, hypermod, or hada_ia3 with num_tasks)")
     d = data_args
-    train, held = common.read_splits(d, args.seed)
+    if d.instructions and d.dataset not in DATASETS:
+        raise common.ConfigError(f"instructions is an option of the built-in data sets {sorted(DATASETS)}; "
+                                 f"dataset={d.dataset!r}")
+    train, held = sft.read_rows(d, args.seed, DATASETS)
     try:
-        tasks = [str(t) for t in (d.tasks or sorted({str(r[d.task_column]) for r in train}))]
+        tasks = [str(t) for t in (d.tasks or TASKS.get(d.dataset) or sorted({str(r[d.task_column]) for r in train}))]
     except KeyError:
         raise common.ConfigError(f"the training rows have no task column {d.task_column!r} (task_column)") from None
     train = with_task_ids(train, tasks, d.task_column, "train")

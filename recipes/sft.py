@@ -34,12 +34,36 @@ ALPACA_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Re
 def _bbc_news_sections(d: "SFTDataArguments", seed: int) -> tuple[list[dict], list[dict]]:
     from recipes import data_llm
 
-    held = int(d.eval_size) if d.eval_size >= 1 else 200
+    held = held_out_articles(d)
     return tuple(data_llm.topic_dataset(split, seed=seed, eval_size=held, max_words=d.max_words).to_list()
                  for split in ("train", "test"))
 
 
 DATASETS = {"bbc_news_sections": _bbc_news_sections}
+
+
+def held_out_articles(d: "SFTDataArguments") -> int:
+    """The BBC data sets' held-out articles: ``eval_size`` (a count), 200 when unset."""
+    if d.eval_size and (d.eval_size < 1 or d.eval_size != int(d.eval_size)):
+        raise common.ConfigError(f"eval_size={d.eval_size}: with dataset={d.dataset} it counts held-out articles "
+                                 f"(a whole number; 0: 200)")
+    if d.max_words < 1:
+        raise common.ConfigError(f"max_words={d.max_words}: at least 1 word of each article")
+    return int(d.eval_size) or 200
+
+
+def read_rows(d: "SFTDataArguments", seed: int, builtin: Optional[dict] = None) -> tuple[list[dict], list[dict]]:
+    """(train, eval) rows: the built-in data set ``d.dataset`` (a name in ``builtin``, default :data:`DATASETS`), or
+    ``train_file`` and ``eval_file`` / ``eval_size``; each cut to ``max_*_samples``."""
+    builtin = DATASETS if builtin is None else builtin
+    if not d.dataset:
+        return common.read_splits(d, seed)
+    if d.dataset not in builtin:
+        raise common.ConfigError(f"dataset={d.dataset!r}: the built-in data sets here are {sorted(builtin)} "
+                                 f"(or set train_file){common._suggest(d.dataset, builtin)}")
+    if d.train_file or d.eval_file:
+        raise common.ConfigError(f"dataset={d.dataset!r} and train_file / eval_file are both set: use one")
+    return common.read_splits(d, seed, *builtin[d.dataset](d, seed))
 
 
 @dataclass
@@ -86,15 +110,10 @@ def build_trainer(model_args: common.ModelArguments, adapter: Optional[dict], da
     ``eval_data``: a list of rows or a {name: rows} dict, evaluated apart). ``adapter_defaults`` fill adapter
     fields the config leaves out (``num_tasks``)."""
     import datasets
+    import torch
 
-    if train_rows is None and data_args.dataset:
-        if data_args.dataset not in DATASETS:
-            raise common.ConfigError(f"dataset={data_args.dataset!r}: the built-in data sets are {sorted(DATASETS)} "
-                                     f"(or set train_file)")
-        train, held = DATASETS[data_args.dataset](data_args, args.seed)
-        train_rows, eval_data = common.read_splits(data_args, args.seed, train, held)
-    elif train_rows is None:
-        train_rows, eval_data = common.read_splits(data_args, args.seed)
+    if train_rows is None:
+        train_rows, eval_data = read_rows(data_args, args.seed)
     tok = common.load_tokenizer(model_args, args)
     if data_args.chat_template:
         tok.chat_template = data_args.chat_template
@@ -124,6 +143,14 @@ def build_trainer(model_args: common.ModelArguments, adapter: Optional[dict], da
     model = common.add_adapter(model, peft_config, args.seed)
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train_rows),
                          eval_dataset=eval_dataset, processing_class=tok)
+    if model_args.quantization:
+        # TRL (1.16) casts every trainable parameter of a quantized model to bf16 (the QLoRA paper's choice). Gated
+        # LoRA's gate starts at 1, where bf16's spacing is 2^-8: AdamW steps of <= 1.5e-3 rounded away, and SmolLM2's
+        # QLoRA run kept the gate at exactly 1 and B at 0 (no gradient while the gate is 1): its eval loss did not
+        # move. Keep the adapter fp32; the optimizer is built later, in train().
+        for p in trainer.model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
     run = common.RunInfo(recipe, "AutoModelForCausalLM", model_args, block, data_args, overrides,
                          data_info=data_info or {})
     return trainer, run
