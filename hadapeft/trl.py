@@ -15,6 +15,7 @@ position ids that keep the packed sequences apart (see :class:`hadapeft.trainer.
 
 from __future__ import annotations
 
+import torch
 import trl
 
 from .seam.trainer import SeamSFTTrainer, check_trl_version
@@ -23,7 +24,24 @@ from .trainer import ConditionedTrainerMixin
 check_trl_version(trl.__version__)
 
 
-class SFTTrainer(ConditionedTrainerMixin, SeamSFTTrainer, trl.SFTTrainer):
+class KeepAdaptersFp32Mixin:
+    """TRL's ``SFTTrainer`` and ``DPOTrainer`` (1.16) cast every trainable parameter of a quantized (QLoRA) model to
+    bf16, the QLoRA paper's choice for LoRA's A and B. hadapeft's gates and scaling vectors start at 1, where bf16's
+    spacing is 2^-8, so AdamW steps below ~2e-3 round away: on SmolLM2 with a 4-bit base, Gated LoRA's gate stayed at
+    exactly 1 (and B at 0: it gets no gradient while the gate is 1) and the held-out loss did not move. So after
+    TRL's setup, a hadapeft adapter's trainable parameters go back to fp32 (the optimizer is built later, in
+    ``train()``); peft's own adapters are left as TRL makes them."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        configs = getattr(self.model, "peft_config", None) or {}
+        if any(type(c).__module__.startswith("hadapeft") for c in configs.values()):
+            for p in self.model.parameters():
+                if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+                    p.data = p.data.float()
+
+
+class SFTTrainer(KeepAdaptersFp32Mixin, ConditionedTrainerMixin, SeamSFTTrainer, trl.SFTTrainer):
     """``trl.SFTTrainer`` whose conditioned adapters get each example's ``task_ids`` / ``task_embeds`` column."""
 
     def prepare_dataset(self, dataset, packing, prepare):
@@ -32,7 +50,7 @@ class SFTTrainer(ConditionedTrainerMixin, SeamSFTTrainer, trl.SFTTrainer):
         return self.pack_per_task(dataset, lambda part: prepare(part, True))
 
 
-class DPOTrainer(ConditionedTrainerMixin, trl.DPOTrainer):
+class DPOTrainer(KeepAdaptersFp32Mixin, ConditionedTrainerMixin, trl.DPOTrainer):
     """``trl.DPOTrainer`` whose conditioned adapters get each example's ``task_ids`` / ``task_embeds`` column; the
     chosen and rejected completions of an example share its task (policy and reference forward alike)."""
 

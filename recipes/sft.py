@@ -110,7 +110,6 @@ def build_trainer(model_args: common.ModelArguments, adapter: Optional[dict], da
     ``eval_data``: a list of rows or a {name: rows} dict, evaluated apart). ``adapter_defaults`` fill adapter
     fields the config leaves out (``num_tasks``)."""
     import datasets
-    import torch
 
     if train_rows is None:
         train_rows, eval_data = read_rows(data_args, args.seed)
@@ -143,14 +142,6 @@ def build_trainer(model_args: common.ModelArguments, adapter: Optional[dict], da
     model = common.add_adapter(model, peft_config, args.seed)
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train_rows),
                          eval_dataset=eval_dataset, processing_class=tok)
-    if model_args.quantization:
-        # TRL (1.16) casts every trainable parameter of a quantized model to bf16 (the QLoRA paper's choice). Gated
-        # LoRA's gate starts at 1, where bf16's spacing is 2^-8: AdamW steps of <= 1.5e-3 rounded away, and SmolLM2's
-        # QLoRA run kept the gate at exactly 1 and B at 0 (no gradient while the gate is 1): its eval loss did not
-        # move. Keep the adapter fp32; the optimizer is built later, in train().
-        for p in trainer.model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
     run = common.RunInfo(recipe, "AutoModelForCausalLM", model_args, block, data_args, overrides,
                          data_info=data_info or {})
     return trainer, run

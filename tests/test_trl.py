@@ -386,3 +386,21 @@ def test_readme_trl_example_runs(tmp_path, monkeypatch):
     namespace = {}
     exec(compile(blocks[0], "README.md", "exec"), namespace)
     assert (tmp_path / "film-sft" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("peft_type", ["gated_lora", "lora"])
+def test_a_quantized_base_keeps_hadapeft_adapters_in_fp32(peft_type, tmp_path):
+    """TRL casts a quantized model's trainable parameters to bf16 (QLoRA's choice for LoRA), where a gate or scale
+    starting at 1 cannot take AdamW's small steps; hadapeft's trainer puts its adapters back to fp32 and leaves
+    peft's LoRA as TRL makes it. (The base here only claims to be 4-bit, which is all TRL reads.)"""
+    from peft import LoraConfig
+
+    base = build_model("llama")
+    base.is_loaded_in_4bit = True
+    config = (hadapeft.GatedLoraConfig(r=4, target_modules=TARGETS) if peft_type == "gated_lora"
+              else LoraConfig(r=4, target_modules=TARGETS))
+    trainer = hadapeft.SFTTrainer(get_peft_model(base, config), args=sft_args(tmp_path, max_steps=1),
+                                  train_dataset=sft_rows(6).remove_columns("task_ids"),
+                                  processing_class=char_tokenizer())
+    dtypes = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
+    assert dtypes == ({torch.float32} if peft_type == "gated_lora" else {torch.bfloat16})
