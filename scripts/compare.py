@@ -324,7 +324,8 @@ PRESETS = {
                       tasks=llm.TASKS, methods={"llm-topic": _LLM_TOPIC_METHODS, "llm-multitask": _LLM_MULTI_METHODS},
                       method_lrs_files=(TUNED_LRS_LLM,), llm_test_articles=80, tune_window=3,
                       learning_rates={**LEARNING_RATES, "matrix": 1e-2, "vector": 3e-2},
-                      about="the published causal-LM table: SmolLM2-135M-Instruct, under 45 min on 2 CPU cores"),
+                      about="the published causal-LM table: SmolLM2-135M-Instruct, 51 min on 2 idle CPU cores (45 runs of "
+                            "~1 min: 16 steps of ~3 s, then scoring)"),
     # tests/test_compare_llm.py: a few steps of a few methods on a few articles (the real model all the same)
     "llm-ci": Preset(seeds=(0,), budgets={"llm-topic": Budget(4, 4), "llm-multitask": Budget(4, 4)},
                      tasks=llm.TASKS, llm_train_articles=40, llm_test_articles=8,
