@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -192,10 +191,11 @@ def make_trainer(model, tokenizer, rows: list[dict], steps: int, batch_size: int
     seeded by ``seed``, no saving or logging. Returns (trainer, step times: seconds of each optimizer step)."""
     global _OUT
     import datasets
-    from transformers import PrinterCallback, TrainerCallback
+    from transformers import PrinterCallback
     from trl import SFTConfig
 
     from recipes import sft
+    from scripts import _compare_tasks as tasks
 
     if _OUT is None:
         _OUT = tempfile.TemporaryDirectory(prefix="hadapeft-compare-llm-")
@@ -209,22 +209,9 @@ def make_trainer(model, tokenizer, rows: list[dict], steps: int, batch_size: int
     known = {f.name for f in dataclasses.fields(SFTConfig)}
     args = SFTConfig(**{**{k: v for k, v in common.TRAINING_DEFAULTS.items() if k in known}, **protocol})
     times = []
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            sync()
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            sync()
-            times.append(time.perf_counter() - self.t0)
-
     trainer = sft.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tokenizer, callbacks=[StepTimer()])
+                             processing_class=tokenizer,
+                             callbacks=[tasks.step_timer(device, times)])
     trainer.remove_callback(PrinterCallback)
     return trainer, times
 

@@ -170,7 +170,7 @@ def make_trainer(model, train_dataset, collator, param_groups: list[dict], steps
     what differs is the comparison's protocol: two rates, a step budget, no saving or logging. (Evaluation does not
     go through the Trainer, so the recipes' ``WholeBatchesMixin`` has nothing to do here.)"""
     global _TRAINER_DIR
-    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+    from transformers import PrinterCallback, Trainer, TrainingArguments
 
     if _TRAINER_DIR is None:
         _TRAINER_DIR = tempfile.TemporaryDirectory(prefix="hadapeft-compare-")  # removed at exit
@@ -187,6 +187,18 @@ def make_trainer(model, train_dataset, collator, param_groups: list[dict], steps
     defaults = {k: v for k, v in common.TRAINING_DEFAULTS.items() if k in known}  # some are SFTConfig's only
     args = TrainingArguments(**{**defaults, **protocol})
     times = []
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                      optimizers=(torch.optim.AdamW(param_groups, weight_decay=weight_decay), None),
+                      callbacks=[step_timer(device, times)])
+    trainer.remove_callback(PrinterCallback)  # it prints every run's final training metrics
+    return trainer, times
+
+
+def step_timer(device, times: list):
+    """A Trainer callback appending each optimizer step's seconds to ``times`` (CUDA synchronised at both ends)."""
+    from transformers import TrainerCallback
+
+    device = torch.device(device)
 
     def sync():
         if device.type == "cuda":
@@ -201,11 +213,7 @@ def make_trainer(model, train_dataset, collator, param_groups: list[dict], steps
             sync()
             times.append(time.perf_counter() - self.t0)
 
-    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                      optimizers=(torch.optim.AdamW(param_groups, weight_decay=weight_decay), None),
-                      callbacks=[StepTimer()])
-    trainer.remove_callback(PrinterCallback)  # it prints every run's final training metrics
-    return trainer, times
+    return StepTimer()
 
 
 # ---------------------------------------------------------------------------------------------------------- problem
