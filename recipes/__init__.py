@@ -7,7 +7,6 @@ resume checks, the JSON-lines log, the files next to the adapter); ``sft.py`` an
 ``classification.py``. ``loading.py`` holds the model/data/adapter loading that ``examples/`` and ``scripts/`` share.
 """
 
-import logging
 import os
 
 # With its default busy-waiting, libgomp makes torch's OpenMP threads several times slower whenever another process
@@ -16,7 +15,8 @@ import os
 # Only takes effect before torch is imported; an explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-# bitsandbytes >= 0.50 tries to fetch an optional CPU 4-bit kernel from the Hub (kernels-community) when it is
-# imported (which `import peft` does) and logs a WARNING when it cannot; it then uses its own CPU code, which the
-# recipes' QLoRA test checks. Quiet that one logger (bitsandbytes' other loggers are untouched).
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# bitsandbytes' import-time kernel fetch warns on CPUs with AVX512-BF16 (hadapeft.seam.bnb.import_quietly): import it
+# quietly before anything a recipe imports (peft, transformers' 4-bit loading) does.
+from hadapeft.seam.bnb import import_quietly  # noqa: E402
+
+import_quietly()

@@ -86,9 +86,11 @@ def build_trainer(model_args, adapter: Optional[dict], data_args, args, *, recip
     ``labels``), evaluated with loss and accuracy."""
     if not held:
         args.eval_strategy = "no"
-    model, overrides = build_classifier(model_args, args, auto_class, names, overrides)
     block = common.adapter_block(adapter, DEFAULT_ADAPTER)
-    model = common.add_adapter(model, common.adapter_config(block, task_type, adapter_defaults), args.seed)
+    common.check_conditioning(block, recipe)
+    peft_config = common.adapter_config(block, task_type, adapter_defaults)
+    model, overrides = build_classifier(model_args, args, auto_class, names, overrides)
+    model = common.add_adapter(model, peft_config, args.seed)
     trainer = (trainer_cls or ClassificationTrainer)(
         model=model, args=args, train_dataset=train, eval_dataset=held or None, data_collator=collator,
         processing_class=processor, compute_metrics=accuracy)

@@ -192,6 +192,53 @@ def adapter_config(block: dict, task_type: Optional[str] = None, defaults: Optio
         raise ConfigError(f"adapter {block}: {e}") from None
 
 
+# What each conditioned recipe-less adapter is told to use instead (the recipe name -> the way out).
+_CONDITIONING_HINTS = {
+    "sft": "train it with the multitask recipe (python -m recipes.multitask: rows name their task in a task column), "
+           "or give every row a {column} column",
+    "seq_cls": "the classification recipes carry no task column to the model (hadapeft.ConditionedTrainerMixin on "
+               "your own Trainer does)",
+}
+
+
+def check_conditioning(block: dict, recipe: str, columns=()) -> None:
+    """Refuse, before any model is loaded, a task-conditioned adapter whose recipe cannot condition it: FiLM and
+    HyperMod read a task per sample always, HadaIA3 with ``num_tasks``; ``num_tasks`` needs a ``task_ids`` column
+    and ``task_embed_dim`` a ``task_embeds`` column, among the ``columns`` every row of the recipe carries to the
+    model. Without this the first training step stops in the adapter with "no task_ids were given"."""
+    from hadapeft.core.config import TaskConditionedConfig
+
+    kind = block.get("type", "")
+    cls = adapter_class(kind)
+    if block.get("task_embed_dim") is not None:
+        column, what = "task_embeds", f"a task_embeds vector of task_embed_dim={block['task_embed_dim']} floats"
+    elif block.get("num_tasks") is not None or issubclass(cls, TaskConditionedConfig):
+        column, what = "task_ids", "a task id (num_tasks)"
+    else:
+        return
+    if column in columns:
+        return
+    hint = _CONDITIONING_HINTS.get(recipe, _CONDITIONING_HINTS["seq_cls"]).format(column=column)
+    raise ConfigError(f"adapter type {str(kind).lower()!r} conditions every sample on {what}, but the {recipe} "
+                      f"recipe's rows carry no {column} column: {hint}; or choose an adapter without conditioning "
+                      f"(gated_lora, or hada_ia3 without num_tasks)")
+
+
+def row_columns(rows: list[dict], names, where: str) -> set:
+    """Which of ``names`` every row has; a column that only some rows have is an error naming the first without."""
+    found = set()
+    for name in names:
+        lacking = [n for n, r in enumerate(rows) if name not in r]
+        if len(lacking) < len(rows):
+            if lacking:
+                shown = repr(rows[lacking[0]])
+                raise ConfigError(f"{where} row {lacking[0]} has no {name!r} column, which other rows have "
+                                  f"({len(lacking)} of {len(rows)} rows lack it): "
+                                  f"{shown[:120] + ' ...' if len(shown) > 120 else shown}")
+            found.add(name)
+    return found
+
+
 # ----------------------------------------------------------------------------------------------------------- data
 def split_eval(rows: list, size: float, seed: int) -> tuple[list, list]:
     """(train, eval): ``size`` rows (a fraction when < 1) held out in a seeded random order."""

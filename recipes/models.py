@@ -12,7 +12,8 @@
 
 Cache: ``$HADAPEFT_CACHE``, else ``$HF_HOME/hadapeft``, else ``~/.cache/huggingface/hadapeft``; one folder per alias and
 package version, written to a temporary folder and renamed into place, so an interrupted conversion leaves no half
-cache behind.
+cache behind. A cached folder that is incomplete all the same (a file deleted by a disk clean-up, an interrupted copy
+of the cache: :func:`cache_problem`) is converted again; where it cannot be, the error names the folder to delete.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 SOURCE_FILE = "hadapeft_model_source.json"  # written last into a converted folder: where it came from
 
@@ -83,6 +86,46 @@ def cached_path(alias: str) -> Path:
     return cache_root() / alias / f"{src.dist}-{version}"
 
 
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """Why a .safetensors file is unreadable (missing, or shorter / longer than its header says), else None.
+    Reads the header only (8 bytes of length, then JSON), so checking a 540 MB file costs well under a millisecond."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, MemoryError, OverflowError):
+        return f"{path.name} is not a readable safetensors file"
+    size = path.stat().st_size
+    if size != 8 + n + end:
+        return f"{path.name} holds {size} bytes where its header describes {8 + n + end} (cut short?)"
+    return None
+
+
+def cache_problem(folder: Path) -> Optional[str]:
+    """What makes a converted model folder unusable (a required file missing, weights cut short), or None when it is
+    complete: config, weights (one file or an index and its shards), tokenizer, and the source marker written last."""
+    folder = Path(folder)
+    missing = [f for f in ("config.json", "tokenizer_config.json", SOURCE_FILE) if not (folder / f).is_file()]
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        missing.append("tokenizer.json")
+    if missing:
+        return f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+    index = folder / "model.safetensors.index.json"
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{index.name} is not a readable index"
+    for shard in shards:
+        problem = _safetensors_problem(folder / shard)
+        if problem:
+            return problem
+    return None
+
+
 def convert_gguf(gguf: Path, out: Path) -> None:
     """GGUF file -> transformers folder (config, fp32 safetensors, tokenizer with its chat template), atomically."""
     if importlib.util.find_spec("gguf") is None:
@@ -118,14 +161,36 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _discard(folder: Path) -> None:
+    """Remove a broken cache folder: renamed aside first (atomic), so no process reads it half deleted; another
+    process that got there first has already moved it."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.broken.", dir=folder.parent))
+    try:
+        folder.rename(aside / folder.name)
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def resolve_model(name: str) -> str:
     """An alias -> its converted local folder (converted and cached on first use); anything else as
     :func:`recipes.loading.resolve_model_path` resolves it (local folder, model package, Hub id)."""
     if name in ALIASES:
         out = cached_path(name)
-        if not (out / SOURCE_FILE).is_file():
+        if not out.exists():
             gguf = gguf_file(name)
             print(f"converting {gguf.name} into a transformers folder (once; cached in {out}) ...", flush=True)
+            convert_gguf(gguf, out)
+        elif problem := cache_problem(out):
+            try:
+                gguf = gguf_file(name)
+            except SystemExit as e:  # nothing to convert from: leave the folder, say what to do
+                raise SystemExit(f"error: the cached model folder {out} is incomplete ({problem}) and cannot be "
+                                 f"converted again: {str(e).removeprefix('error: ')}; then delete the folder "
+                                 f"(rm -r '{out}') and load it again") from None
+            print(f"the cached model folder {out} is incomplete ({problem}): converting {gguf.name} again ...",
+                  flush=True)
+            _discard(out)
             convert_gguf(gguf, out)
         return str(out)
     from recipes.loading import resolve_model_path

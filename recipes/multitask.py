@@ -64,16 +64,41 @@ class MultiTaskDataArguments(sft.SFTDataArguments):
                 "tasks, sorted."})
 
 
+def _row_task(row: dict, n: int, column: str, where: str) -> str:
+    """A row's task name; a row without one is an error naming the row and the columns it has."""
+    task = row.get(column)
+    if task is None or (isinstance(task, str) and not task.strip()):
+        if column in row:
+            shown = repr(row)
+            raise common.ConfigError(f"{where} row {n} names no task: its task column {column!r} (task_column) is "
+                                     f"{task!r} in {shown[:120] + ' ...' if len(shown) > 120 else shown}")
+        raise common.ConfigError(f"{where} row {n} has no task column {column!r} (task_column); its columns are "
+                                 f"{sorted(row)}{common._suggest(column, row)}")
+    return str(task)
+
+
 def with_task_ids(rows: list[dict], tasks: list[str], column: str, where: str) -> list[dict]:
     """Each row with its task's id as a ``task_ids`` column (what hadapeft's trainers carry to the model)."""
     index = {t: i for i, t in enumerate(tasks)}
-    try:
-        unknown = sorted({str(r[column]) for r in rows} - set(index))
-    except KeyError:
-        raise common.ConfigError(f"{where} rows have no task column {column!r} (task_column)") from None
+    names = [_row_task(r, n, column, where) for n, r in enumerate(rows)]
+    unknown = sorted(set(names) - set(index))
     if unknown:
         raise common.ConfigError(f"{where}: tasks {unknown[:5]} are not among {tasks}")
-    return [{**{k: v for k, v in r.items() if k != column}, "task_ids": index[str(r[column])]} for r in rows]
+    return [{**{k: v for k, v in r.items() if k != column}, "task_ids": index[t]} for r, t in zip(rows, names)]
+
+
+def check_adapter(block: dict, tasks: list[str], column: str) -> None:
+    """The adapter fields the data decides: num_tasks = the number of tasks (filled in when left out), and no
+    task_embed_dim (this recipe gives each row a task id, not a vector)."""
+    if block.get("task_embed_dim") is not None:
+        raise common.ConfigError(f"adapter.task_embed_dim={block['task_embed_dim']}: the multitask recipe gives each row"
+                                 f" a task id from its {column!r} column (num_tasks, filled in from the data), not a "
+                                 f"task_embeds vector; remove task_embed_dim (vectors: docs/guides/task_descriptions.md)")
+    n = block.get("num_tasks")
+    if n is not None and n != len(tasks):
+        raise common.ConfigError(f"adapter.num_tasks={n}, but the data has {len(tasks)} tasks {tasks} (task_column "
+                                 f"{column!r}): remove num_tasks (the recipe fills it in from the data), or list "
+                                 f"{n} task names in `tasks`")
 
 
 def build_trainer(model_args, adapter: Optional[dict], data_args: MultiTaskDataArguments, args):
@@ -87,11 +112,16 @@ def build_trainer(model_args, adapter: Optional[dict], data_args: MultiTaskDataA
     if d.instructions and d.dataset not in DATASETS:
         raise common.ConfigError(f"instructions is an option of the built-in data sets {sorted(DATASETS)}; "
                                  f"dataset={d.dataset!r}")
+    if d.tasks is not None:
+        listed = [str(t) for t in d.tasks]
+        repeated = sorted({t for t in listed if listed.count(t) > 1})
+        if not listed or repeated:
+            raise common.ConfigError(f"tasks={d.tasks}: {'names ' + str(repeated) + ' twice' if repeated else 'empty'}"
+                                     f"; list each task name once, in id order")
     train, held = sft.read_rows(d, args.seed, DATASETS)
-    try:
-        tasks = [str(t) for t in (d.tasks or TASKS.get(d.dataset) or sorted({str(r[d.task_column]) for r in train}))]
-    except KeyError:
-        raise common.ConfigError(f"the training rows have no task column {d.task_column!r} (task_column)") from None
+    names = [_row_task(r, n, d.task_column, "train") for n, r in enumerate(train)]
+    tasks = [str(t) for t in (d.tasks or TASKS.get(d.dataset) or sorted(set(names)))]
+    check_adapter(block, tasks, d.task_column)
     train = with_task_ids(train, tasks, d.task_column, "train")
     held = with_task_ids(held, tasks, d.task_column, "eval")
     per_task = {t: [r for r in held if r["task_ids"] == k] for k, t in enumerate(tasks)}

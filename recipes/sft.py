@@ -25,6 +25,7 @@ import hadapeft
 from recipes import common
 
 NAME = "sft"
+CONDITIONING_COLUMNS = ("task_ids", "task_embeds")  # per-row columns hadapeft.SFTTrainer carries to the model
 DEFAULT_ADAPTER = {"type": "gated_lora", "r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
 ALPACA = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -113,6 +114,9 @@ def build_trainer(model_args: common.ModelArguments, adapter: Optional[dict], da
 
     if train_rows is None:
         train_rows, eval_data = read_rows(data_args, args.seed)
+    block = common.adapter_block(adapter, default_adapter or DEFAULT_ADAPTER)
+    common.check_conditioning(block, recipe, common.row_columns(train_rows, CONDITIONING_COLUMNS, "train"))
+    peft_config = common.adapter_config(block, "CAUSAL_LM", adapter_defaults)
     tok = common.load_tokenizer(model_args, args)
     if data_args.chat_template:
         tok.chat_template = data_args.chat_template
@@ -137,8 +141,6 @@ def build_trainer(model_args: common.ModelArguments, adapter: Optional[dict], da
     if model_args.random_init:  # a model built here gets an embedding row for every token
         overrides["vocab_size"] = len(tok)
     model, overrides = common.load_base_model(model_args, args, "AutoModelForCausalLM", overrides)
-    block = common.adapter_block(adapter, default_adapter or DEFAULT_ADAPTER)
-    peft_config = common.adapter_config(block, "CAUSAL_LM", adapter_defaults)
     model = common.add_adapter(model, peft_config, args.seed)
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(train_rows),
                          eval_dataset=eval_dataset, processing_class=tok)

@@ -18,8 +18,12 @@ and the tuner hooks depend on private layout that peft changes between minor rel
 
 from __future__ import annotations
 
-import peft
-from packaging.version import Version
+from .bnb import import_quietly
+
+import_quietly()  # bitsandbytes, before `import peft` imports it
+
+import peft  # noqa: E402
+from packaging.version import Version  # noqa: E402
 
 # Lowest tested peft (inclusive) and first untested minor (exclusive). Keep in sync with pyproject.toml.
 SUPPORTED_PEFT = (Version("0.21.0"), Version("0.22.0"))

@@ -15,16 +15,55 @@ table, flagged by ``quant_state.packing_format_for_cpu``. Three things go wrong 
 repacked weight back, with the ``absmax`` fix, and :func:`guard_4bit_layer` runs it before autograd needs the layer
 and before its state dict is taken. bitsandbytes repacks again on the next eval-mode no-grad forward; after the first
 repacking (which rounds ``absmax`` to bf16 once) the round trip is exact.
+
+:func:`import_quietly` imports bitsandbytes without the warnings of its import-time kernel fetch (see there).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import logging
+import sys
 
 import torch
 from torch import nn
 
 _GUARD_ATTR = "_hadapeft_4bit_guard"  # set on a Linear4bit whose hooks are installed (idempotent installation)
+
+# bitsandbytes >= 0.50 on a CPU with AVX512-BF16 tries, while it is imported (which `import peft` does), to fetch an
+# optional 4-bit matmul kernel from the Hub (kernels-community, through the `kernels` package that transformers
+# installs); offline or untrusted, `kernels` and then bitsandbytes log a WARNING each ("Skipping publisher trust check
+# for 'kernels-community/...'", "Failed to load CPU gemm_4bit_forward from kernels-community: ..."), on every import.
+# bitsandbytes then runs its own CPU code, which is what hadapeft's 4-bit support (this module) is tested with.
+KERNEL_FETCH_LOGGERS = ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")
+KERNEL_FETCH_REPO = "kernels-community/"
+
+
+class _DropKernelFetch(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return KERNEL_FETCH_REPO not in record.getMessage()
+
+
+def import_quietly() -> None:
+    """Import bitsandbytes (when installed and not imported yet) without the warnings of its kernel fetch.
+
+    A library should not print on import about an optional kernel its user never asked for. Only records that name
+    ``kernels-community/`` are dropped, only from the two loggers above, and only while bitsandbytes is imported:
+    every other message, and every later one, shows as usual. ``hadapeft.seam`` calls it before importing peft."""
+    if "bitsandbytes" in sys.modules or importlib.util.find_spec("bitsandbytes") is None:
+        return
+    drop = _DropKernelFetch()
+    loggers = [logging.getLogger(name) for name in KERNEL_FETCH_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # a broken install: peft's own import of it reports the error
+        pass
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
 
 
 def is_cpu_packed(weight) -> bool:
