@@ -23,7 +23,7 @@ def _is_hub_id(name: Optional[str]) -> bool:
 
 
 def install_lines(wheel: Optional[str], repo_id: Optional[str]) -> list[str]:
-    """How to install hadapeft (it is not on PyPI): the wheel uploaded next to the adapter (``scripts/push_to_hub``),
+    """How to install hadapeft (it is not on PyPI): the wheel uploaded next to the adapter (``scripts/push_to_hub.py``),
     else the checkout this adapter was trained with."""
     if wheel and repo_id:
         return [f"pip install https://huggingface.co/{repo_id}/resolve/main/{wheel}",

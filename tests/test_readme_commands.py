@@ -1,10 +1,11 @@
-"""Every shell command in the bash blocks of recipes/README.md and the root README.md's "Recipes and scripts" section
-runs as written, in order, from the repository root.
+"""Every shell command in the bash blocks of recipes/README.md, the root README.md's "Recipes and scripts" section and
+the documentation pages (docs/**.md; there only the lines starting with ``.venv/bin/``) runs as written, in order,
+from the repository root. :func:`code_blocks` is also what tests/test_docs.py runs the pages' ```python blocks from.
 
-Where they write: the commands' output folders are all under ``runs/readme/`` and ``runs/quick/`` (gitignored); the
-test removes those two folders before and after, so nothing else of the checkout is touched. ``.venv/bin/...`` is the
-venv ``scripts/setup_env.sh`` creates; without one (a CI job with another interpreter), the test links ``.venv`` to
-the running interpreter's environment for its duration.
+Where they write: the commands' output folders are all under ``runs/readme/``, ``runs/quick/`` and ``runs/docs/``
+(gitignored); the test removes those folders before and after, so nothing else of the checkout is touched.
+``.venv/bin/...`` is the venv ``scripts/setup_env.sh`` creates; without one (a CI job with another interpreter), the
+test links ``.venv`` to the running interpreter's environment for its duration.
 """
 
 from __future__ import annotations
@@ -15,19 +16,27 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("trl", reason="needs trl (the test extra)")
 REPO = Path(__file__).resolve().parents[1]
-OUTPUTS = [REPO / "runs" / "readme", REPO / "runs" / "quick"]
+OUTPUTS = [REPO / "runs" / "readme", REPO / "runs" / "quick", REPO / "runs" / "docs"]
+VENV = ".venv/bin/"
+
+
+def code_blocks(text: str, lang: str) -> list[str]:
+    """The bodies of the fenced ```<lang> blocks of ``text``, in order (fences may be indented, e.g. in a list)."""
+    return [textwrap.dedent(body) for body in re.findall(rf"^[ \t]*```{lang}\n(.*?)^[ \t]*```", text,
+                                                         flags=re.S | re.M)]
 
 
 def bash_commands(text: str) -> list[str]:
     """The commands of the ```bash blocks of ``text`` (a trailing backslash continues a line)."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+    for block in code_blocks(text, "bash"):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
@@ -35,16 +44,22 @@ def bash_commands(text: str) -> list[str]:
     return commands
 
 
+def doc_pages() -> list[Path]:
+    """The Markdown pages of the documentation site (docs/, without docs/ci/)."""
+    return sorted(p for p in (REPO / "docs").rglob("*.md") if "ci" not in p.relative_to(REPO / "docs").parts[:1])
+
+
 def readme_commands() -> list[str]:
     root = (REPO / "README.md").read_text()
     section = root[root.index("## Recipes and scripts"):]
     section = section[:section.index("\n## ", 3)]
-    return bash_commands((REPO / "recipes" / "README.md").read_text()) + bash_commands(section)
+    docs = [c for page in doc_pages() for c in bash_commands(page.read_text()) if c.startswith(VENV)]
+    return bash_commands((REPO / "recipes" / "README.md").read_text()) + bash_commands(section) + docs
 
 
 def test_the_readmes_have_commands():
     commands = readme_commands()
-    assert len(commands) >= 10 and all(c.startswith(".venv/bin/") for c in commands), commands
+    assert len(commands) >= 10 and all(c.startswith(VENV) for c in commands), commands
     dirs = [c.split("--output_dir ")[1].split()[0] for c in commands if "--output_dir" in c]
     assert len(dirs) == len(set(dirs)), "each training example writes its own output_dir"
 
