@@ -63,10 +63,18 @@ def resolve_model_path(name: str) -> str:
 
 def from_pretrained(loader, name: str, hint: str = "Pass a local model folder.", **kwargs):
     """``loader.from_pretrained(name)``, failing clearly when ``name`` is neither a local folder nor reachable on the
-    Hub (offline machines: ``HF_HUB_OFFLINE=1`` makes that fail at once instead of after retries)."""
+    Hub (offline machines: ``HF_HUB_OFFLINE=1`` makes that fail at once instead of after retries), or is a local
+    folder without the files a model needs (naming the folder and what it holds)."""
     try:
         return loader.from_pretrained(name, **kwargs)
     except OSError as e:
+        if Path(name).is_dir():  # a folder that is not a whole model (weights deleted, an interrupted copy)
+            held = sorted(p.name for p in Path(name).iterdir())
+            raise SystemExit(
+                f"error: could not load {loader.__name__} from the local folder {name!r}, which holds "
+                f"{held[:12]}{' ...' if len(held) > 12 else ''}: a model folder needs its config.json, weights "
+                f"(model.safetensors) and tokenizer files; copy or save it again. {hint}"
+                f"\n  cause: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         if Path(name).exists():
             raise
         raise SystemExit(

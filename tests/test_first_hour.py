@@ -1,8 +1,8 @@
 """The mistakes of a first hour end in a message that says what to change, never a raw torch / transformers error, and
 leave the model and the files as they were: a converted-model cache folder left incomplete, bitsandbytes' import-time
-warning, and every way a recipe config can be wrong for a task-conditioned adapter (FiLM, HyperMod, HadaIA3 with
-``num_tasks``). The task-column errors of ``hadapeft.SFTTrainer`` itself are tested with the trainer
-(tests/test_trl.py)."""
+warning, a local model folder without its weights, and every way a recipe config can be wrong for a task-conditioned
+adapter (FiLM, HyperMod, HadaIA3 with ``num_tasks``). The task-column errors of ``hadapeft.SFTTrainer`` itself are
+tested with the trainer (tests/test_trl.py)."""
 
 from __future__ import annotations
 
@@ -150,6 +150,22 @@ def test_an_incomplete_cache_that_cannot_be_converted_again_names_the_folder_to_
                                          rf"the folder \(rm -r '.*{folder.name}'\)"):
         models.load_causal_lm(ALIAS)
     assert sorted(p.name for p in folder.iterdir()) == left and len(fake_cache) == 1  # left as it was
+
+
+def test_a_local_model_folder_without_its_weights_is_named(tmp_path):
+    """Any local folder (``model_name_or_path``, ``--base-model``): transformers' OSError becomes one that names the
+    folder and what it holds."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from recipes import loading
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(SystemExit, match=r"could not load AutoModelForCausalLM from the local folder '.*m', which "
+                                         r"holds \['config.json', 'generation_config.json'\]: a model folder needs "
+                                         r"its config.json, weights \(model.safetensors\).*\n  cause: OSError: "):
+        loading.from_pretrained(AutoModelForCausalLM, str(tmp_path / "m"))
 
 
 # ------------------------------------------------------------------------------------ recipe configs, conditioned
