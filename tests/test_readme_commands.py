@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("trl", reason="needs trl (the test extra)")
 REPO = Path(__file__).resolve().parents[1]
 OUTPUTS = [REPO / "runs" / "readme", REPO / "runs" / "quick", REPO / "runs" / "docs"]
 VENV = ".venv/bin/"
@@ -66,6 +65,7 @@ def test_the_readmes_have_commands():
 
 @pytest.mark.slow
 def test_readme_commands_run_as_written():
+    pytest.importorskip("trl", reason="needs trl (the test extra)")
     venv = REPO / ".venv"
     linked = False
     if not (venv / "bin" / "python").exists():
