@@ -129,3 +129,34 @@ def test_the_cache_lives_for_one_generate_call(option, no_cache):
         with conditioning_mod.generating():  # inside a generate scope but with gradients on (training code)
             model(**inputs)
     assert set(calls.values()) == {4}, calls
+
+
+def test_bench_serving_ci_writes_every_method_and_task_count(tmp_path):
+    """The serving benchmark's small mode (tiny random Llama, T = 4): JSON, table and plot with a row per method and
+    number of tasks, ratios against the base model of the same run, merged rows, and peft IA3 either measured or
+    with the reason it is not (its timings are not checked)."""
+    from scripts import bench_serving
+
+    bench_serving.main(["--ci", "--tasks", "2", "4", "--out-dir", str(tmp_path), "--tag", "test"])
+    result = json.loads(next(tmp_path.glob("*-test.json")).read_text())
+    rows = {(r["method"], r["tasks"]): r for r in result["rows"]}
+    methods = [*bench_serving.PEFT, *bench_serving.HADAPEFT]
+    assert set(rows) == {("base", None)} | {(m, T) for m in methods for T in (2, 4)}
+    for (method, T), r in rows.items():
+        if r.get("skipped"):
+            assert method == "peft_ia3" and "adapter_names" in r["skipped"], r
+            continue
+        assert r["generate_ms"] > 0 and r["prefill_ms"] > 0 and r["generate_tokens_per_s"] > 0, r
+        assert r["generate_x_base"] == pytest.approx(r["generate_ms"] / rows[("base", None)]["generate_ms"])
+    for method in methods:  # no adapter is the identity
+        if not rows[(method, 2)].get("skipped"):
+            assert rows[(method, 2)]["max_logit_diff_vs_base"] > 1e-3, method
+    merged = {r["method"]: r for r in result["merged_rows"]}
+    assert set(merged) == {"base"} | {f"merged_{m}" for m in bench_serving.MERGED}
+    for m in bench_serving.MERGED:  # the merged model computes the adapter's task 0
+        assert merged[f"merged_{m}"]["max_logit_diff_vs_unmerged"] < 1e-4
+    md = next(tmp_path.glob("*-test.md")).read_text()
+    for method in methods:
+        assert f"| {method} |" in md
+    assert "| T = 2 | T = 4 |" in md and "merged_film_ids" in md and "generate ≤ 1.15× base" not in md
+    assert next(tmp_path.glob("*-test.png")).stat().st_size > 10_000
