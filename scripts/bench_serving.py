@@ -58,7 +58,7 @@ HADAPEFT = {
 PEFT = ("peft_lora", "peft_ia3")
 MERGED = ("film_ids", "hypermod_ids", "ia3_ids")
 PRESETS = {
-    # the real model: ~15 minutes of one CPU thread (~8.6 s per case: 25 cases x 3 repeats, 4 merged x 3, warm-ups)
+    # the real model: 16 CPU minutes (measured; ~8.6 s per case: 25 cases x 3 repeats, 4 merged x 3, warm-ups, loading)
     "cpu": dict(model="smollm2-135m-instruct", batch=64, tasks=[1, 4, 16, 64], new_tokens=8, prompt_tokens=16,
                 repeats=3),
     "ci": dict(model="tiny", batch=8, tasks=[4], new_tokens=2, prompt_tokens=6, repeats=1),
