@@ -13,6 +13,11 @@ model call, not through it (transformers models do not pass unknown kwargs down 
   :meth:`Conditioning.per_row` (``generate`` expands a batch of B to B·k rows for beam search / several return
   sequences by ``repeat_interleave``, so row r belongs to sample r // k).
 
+Within one ``generate`` call the conditioning of the batch is fixed, so what is computed from it per sample (FiLM's
+``task_embeds`` generator, HyperMod's hypernetwork) runs once for the call, at the prefill, not once per new token:
+:meth:`Conditioning.once_per_generate`, a cache that lives in the call's :func:`generating` scope and only with
+gradients off; training, plain forwards and compiled code compute it every time.
+
 Under ``torch.compile`` the ``ContextVar`` is replaced by a plain attribute of the model's :class:`ConditioningState`
 (dynamo cannot trace ``ContextVar``; the conditioning tensors become graph inputs), so a compiled model is one graph
 with conditioning passed as kwargs or through ``hadapeft.conditioning`` (there per model, not per thread). Task ids are range-checked without reading
@@ -32,7 +37,7 @@ import contextlib
 import inspect
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -82,11 +87,33 @@ class Conditioning:
         B = self.batch
         if rows == B:
             return t
-        if rows < B or rows % B or not _GENERATING.get():
+        if rows < B or rows % B or _GENERATING.get() is None:
             raise ConditioningError(f"the conditioning has {B} samples but an adapted layer received {rows} rows: "
                                     f"task_ids / task_embeds need one entry per sample of the batch (only "
                                     f"generate's own beam / num_return_sequences expansion repeats them)")
         return t.repeat_interleave(rows // B, dim=0)
+
+    def once_per_generate(self, key, compute: Callable[[], Any]):
+        """``compute()``, run once per ``generate`` call for this conditioning: the per-sample results of the
+        conditioning (FiLM's generator outputs, HyperMod's hypernetwork outputs) do not change from one new token to
+        the next, so the prefill computes them and every decoding step of the same call reuses them. Beam search /
+        num_return_sequences expand the batch to B·k rows once, before the prefill, and beam reordering keeps each
+        sample's beams within its block of k rows: per-sample results stay valid (:meth:`per_row` maps them to the
+        rows at each step). ``key`` names the result (and the module computing it).
+
+        Only inside a model's ``generate`` with gradients off (generate's own ``torch.no_grad``) and outside
+        ``torch.compile``; anywhere else (training, a plain forward, gradient checkpointing) ``compute()`` runs every
+        time. The results live in the call's :func:`generating` scope and are dropped when the call returns, so a
+        weight update between two calls is always seen."""
+        generation = _GENERATING.get() if not torch.compiler.is_compiling() else None
+        if generation is None or torch.is_grad_enabled():
+            return compute()
+        hit = generation.get((id(self), key))
+        if hit is not None and hit[0] is self:  # the conditioning object itself is kept: its id is not reused
+            return hit[1]
+        value = compute()
+        generation[(id(self), key)] = (self, value)
+        return value
 
     def task_rows(self, rows: int, device) -> torch.Tensor:
         """(rows,) table index: the task of each input row."""
@@ -104,7 +131,8 @@ class Conditioning:
 
 
 _CURRENT: ContextVar[tuple] = ContextVar("hadapeft_conditioning", default=())  # ((state, Conditioning), ...)
-_GENERATING: ContextVar[bool] = ContextVar("hadapeft_generating", default=False)  # inside a model's generate()
+# Inside a model's generate(): the call's cache of per-sample results (Conditioning.once_per_generate); else None.
+_GENERATING: ContextVar[Optional[dict]] = ContextVar("hadapeft_generating", default=None)
 
 
 class ConditioningState:
@@ -379,8 +407,10 @@ def for_call(model, task_ids, task_embeds, args, kwargs):
 
 @contextlib.contextmanager
 def generating():
-    """Inside a model's ``generate``: layers may receive each sample's rows repeated (beams, return sequences)."""
-    token = _GENERATING.set(True)
+    """Inside a model's ``generate``: layers may receive each sample's rows repeated (beams, return sequences), and
+    per-sample results of the conditioning are computed once for the call (:meth:`Conditioning.once_per_generate`;
+    each call, nested ones too, gets a fresh cache, dropped on return)."""
+    token = _GENERATING.set({})
     try:
         yield
     finally:

@@ -45,5 +45,9 @@ class FiLMLinear(HadaLayer):
             return Modulation(scales=((None, self.film_gamma[name]),), shift=self.film_beta[name],
                               rows=cond.task_rows)
         gen = self.film_generator[name]  # one row per sample, from its conditioning vector
-        d_gamma, beta = gen(cond.task_embeds.to(gen[0].weight.device, gen[0].weight.dtype)).chunk(2, dim=-1)
-        return Modulation(scales=((None, 1 + d_gamma),), shift=beta, rows=cond.sample_rows, per_sample=True)
+
+        def generate():  # (γ, β), (B, d_out) each
+            d_gamma, beta = gen(cond.task_embeds.to(gen[0].weight.device, gen[0].weight.dtype)).chunk(2, dim=-1)
+            return 1 + d_gamma, beta
+        gamma, beta = cond.once_per_generate(("film", self, name), generate)  # not once per new token
+        return Modulation(scales=((None, gamma),), shift=beta, rows=cond.sample_rows, per_sample=True)

@@ -79,7 +79,9 @@ class HyperModModel(HadaModel):
                 cond = state.current(name)
             except ConditioningError:  # no conditioning: the layers say so, if they need it
                 continue
-            cond.shared[("hypermod", name)] = (torch.is_grad_enabled(), modulations(net, cond, net.pairs))
+            # Inside generate: once per call, not once per new token (Conditioning.once_per_generate).
+            mods = cond.once_per_generate(("hypermod", self, name), lambda: modulations(net, cond, net.pairs))
+            cond.shared[("hypermod", name)] = (torch.is_grad_enabled(), mods)
             cond.shared.pop(("hypermod-use", name), None)
 
 
