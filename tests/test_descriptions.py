@@ -201,3 +201,91 @@ def test_another_width_is_refused_naming_both(encoder, tmp_path):
     with pytest.raises(hadapeft.ConditioningError, match="descriptions need an adapter with task_embed_dim"):
         hadapeft.SFTTrainer(model, args=sft_args(tmp_path), train_dataset=described_rows(6),
                             processing_class=char_tokenizer(), peft_config=hadapeft.FiLMConfig(num_tasks=3))
+
+
+# --- the multitask recipe: condition_on task_description ----------------------------------------------------------
+def test_multitask_recipe_trains_on_descriptions(encoder, tmp_path):
+    from test_recipes import make_assets, restored_globals, run_recipe, smoke_values
+
+    from recipes import loading
+
+    assets = make_assets(tmp_path / "assets")
+    words = {"copy": "Copy the numbers.", "reverse": "Reverse the numbers.", "sort": "Sort the numbers."}
+    rows = [json.loads(line) for line in open(assets["multitask"])]
+    described = tmp_path / "described.jsonl"
+    described.write_text("".join(json.dumps({**r, "task_description": words[r["task"]]}) + "\n" for r in rows))
+    out = tmp_path / "run"
+    values = {**smoke_values(assets, "multitask", str(out), {"type": "film"}, steps=12),
+              "train_file": str(described), "condition_on": "task_description"}
+    encoder.cache.clear()
+    calls = encoder.encoded
+    with restored_globals():
+        res = run_recipe("multitask", values)
+    assert encoder.encoded - calls == 3  # one encoder call per distinct description, train and eval together
+    assert {"eval_copy_loss", "eval_reverse_loss", "eval_sort_loss"} <= set(res.metrics)
+    losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["task_embed_dim"] == 384 and cfg["num_tasks"] is None and cfg["task_encoder"] == encoder.record()
+    reloaded, _ = loading.load_adapter_model(out)
+    inputs = loading.dummy_inputs(res.model)
+    batch = [words["sort"]] * inputs["input_ids"].shape[0]
+    res.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs, task_description=batch).logits,
+                                   res.model(**inputs, task_description=batch).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"adapter": {"type": "hada_ia3"}}, "takes no task descriptions"),
+    ({"adapter": {"type": "film", "num_tasks": 3}}, "descriptions set task_embed_dim instead; drop num_tasks"),
+    ({"adapter": {"type": "film", "task_embed_dim": 16}}, "adapter.task_embed_dim=16, but the description encoder "
+                                                          "'sentence-transformers/all-MiniLM-L6-v2' gives 384-wide"),
+    ({"condition_on": "descriptions"}, "condition_on='descriptions': choose from"),
+    ({"description_column": "about"}, "train row 0 has no description column 'about'"),
+])
+def test_multitask_recipe_description_config_errors(change, message, tmp_path):
+    from test_recipes import make_assets, restored_globals, run_recipe, smoke_values
+
+    assets = make_assets(tmp_path / "assets")
+    rows = [json.loads(line) for line in open(assets["multitask"])]
+    described = tmp_path / "described.jsonl"
+    described.write_text("".join(json.dumps({**r, "task_description": f"Do {r['task']}."}) + "\n" for r in rows))
+    values = {**smoke_values(assets, "multitask", str(tmp_path / "run"), None, steps=2),
+              "train_file": str(described), "condition_on": "task_description", **change}
+    with restored_globals(), pytest.raises(SystemExit, match=message):
+        run_recipe("multitask", values)
+
+
+# --- the many-task problem (recipes/data_llm.py) -------------------------------------------------------------------
+def test_manytask_rows():
+    from recipes import data_llm
+
+    tasks = data_llm.MANY_TASKS
+    assert len(tasks) >= 12 and len(data_llm.TASK_SETS["unseen"]) >= 4
+    assert len({t.name for t in tasks}) == len(tasks)
+    texts = [t.description for t in tasks] + [w for t in tasks for w in t.rewordings]
+    assert len(set(texts)) == len(texts) and all(len(t.rewordings) >= 2 for t in tasks)
+    a = data_llm.Article("Ad sales boost Time Warner profit in 2004", "Quarterly profits at US media giant ...",
+                         "business")
+    expected = {"section": "business", "headline": a.headline, "first_word": "Ad", "last_word": "2004",
+                "word_count": "8", "upper": "AD SALES BOOST TIME WARNER PROFIT IN 2004", "has_digit": "yes",
+                "is_sport": "no", "body_first_word": "Quarterly", "reverse_words": "2004 in profit Warner Time boost "
+                "sales Ad", "initials": "AsbTWpi2", "second_word": "sales",
+                "lower": "ad sales boost time warner profit in 2004", "is_business": "yes", "last_word_upper": "2004",
+                "first_two_words": "Ad sales"}
+    assert {t.name: t.answer(a) for t in tasks} == expected
+    b = data_llm.Article("Owen scores twice", "Michael Owen ...", "sports")
+    rows = data_llm.manytask_rows([a, b], data_llm.TASK_SETS["seen"], max_words=3)
+    seen = data_llm.TASK_SETS["seen"]
+    assert len(rows) == 2 * len(seen) and [r["task"] for r in rows[:len(seen)]] == [t.name for t in seen]
+    assert len({json.dumps(r["prompt"]) for r in rows[:len(seen)]}) == 1  # every task sees the same prompt
+    assert rows[0]["prompt"] == [{"role": "user", "content": f"{a.headline}\nQuarterly profits at ..."}]
+    assert rows[len(seen) + 7]["completion"][0]["content"] == "yes"  # is_sport of b
+    assert all(r["task_description"] == t.description for r, t in zip(rows, seen * 2))
+    reworded = data_llm.manytask_rows([a, b], seen, 3, wording="reworded", description_in_prompt=True)
+    assert [r["task_description"] for r in reworded] == [t.rewordings[i] for i in (0, 1) for t in seen]
+    assert all(r["prompt"][0] == {"role": "system", "content": r["task_description"]} for r in reworded)
+    with pytest.raises(ValueError, match="wording='paraphrase'"):
+        data_llm.manytask_rows([a], seen, 3, wording="paraphrase")
