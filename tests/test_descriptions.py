@@ -203,6 +203,24 @@ def test_another_width_is_refused_naming_both(encoder, tmp_path):
                             processing_class=char_tokenizer(), peft_config=hadapeft.FiLMConfig(num_tasks=3))
 
 
+def test_packing_packs_each_described_task_apart(encoder, tmp_path):
+    from test_trl import _row_tasks
+
+    tok = char_tokenizer()
+    rows = sft_rows(30, disjoint=True)
+    rows = rows.add_column("task_description", [DESCRIPTIONS[t] for t in rows["task_ids"]]).remove_columns("task_ids")
+    trainer = hadapeft.SFTTrainer(build_model("llama"), args=sft_args(tmp_path, packing=True, max_steps=2),
+                                  train_dataset=rows, processing_class=tok, peft_config=film())
+    packed = trainer.train_dataset
+    assert len(packed) < 30  # several examples per row
+    for row in packed:  # one task per packed row, and its description put back
+        assert _row_tasks(tok, row["input_ids"]) == {DESCRIPTIONS.index(row["task_description"])}
+    batch = trainer.data_collator([packed[i] for i in range(3)])
+    torch.testing.assert_close(batch["task_embeds"], encoder([packed[i]["task_description"] for i in range(3)]),
+                               rtol=0, atol=0)
+    assert trainer.train().global_step == 2
+
+
 # --- the multitask recipe: condition_on task_description ----------------------------------------------------------
 def test_multitask_recipe_trains_on_descriptions(encoder, tmp_path):
     from test_recipes import make_assets, restored_globals, run_recipe, smoke_values
