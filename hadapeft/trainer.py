@@ -77,6 +77,8 @@ def conditioning_tensor(column: str, values: Sequence, num_tasks: Optional[int] 
     def where(i):
         return rows[i] if rows is not None else f"row {i}"
 
+    # tensors and numpy values (a dataset in torch / numpy format) as plain Python numbers and lists
+    values = [v.tolist() if hasattr(v, "tolist") else v for v in values]
     if column == "task_ids":
         expected = f"an int in [0, {num_tasks - 1}] (num_tasks={num_tasks})" if num_tasks else "an int task id"
         for i, v in enumerate(values):
@@ -85,7 +87,7 @@ def conditioning_tensor(column: str, values: Sequence, num_tasks: Optional[int] 
                         "tasks in a task_description column with an adapter of task_embed_dim"
                         if isinstance(v, str) else "")
                 raise ConditioningError(f"task_ids column, {where(i)}: {v!r}; expected {expected}{hint}")
-        return torch.tensor(list(values), dtype=torch.long)
+        return torch.tensor(values, dtype=torch.long)
     try:  # the common case, fast (a column of 10,000 x 384 floats): one conversion, checked as a whole
         embeds = torch.tensor([list(v) for v in values], dtype=torch.float32)
         if embeds.dim() == 2 and (not task_embed_dim or embeds.shape[1] == task_embed_dim) and \

