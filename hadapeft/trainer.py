@@ -226,20 +226,21 @@ class ConditionedTrainerMixin(SeamTrainer):
         described = any(DESCRIPTION_COLUMN in (c or ()) for c in columns.values())
         if not self.conditioning_columns:
             return None
-        if described and "task_embeds" not in self.conditioning_columns:
+        if "task_embeds" not in self.conditioning_columns and any(
+                DESCRIPTION_COLUMN in c and "task_ids" not in c for c in columns.values() if c is not None):
             raise ConditioningError(f"the dataset describes tasks in a {DESCRIPTION_COLUMN!r} column, but the "
                                     f"adapter takes task_ids (num_tasks={self.num_tasks}): descriptions need an "
                                     f"adapter with task_embed_dim (e.g. task_embed_dim=384 for all-MiniLM-L6-v2), or "
                                     f"give a task_ids column")
         encoder = None
-        if described or task_encoder is not None:
+        if (described and "task_embeds" in self.conditioning_columns) or task_encoder is not None:
             encoder = encoder_for(kwargs["peft_config"] if kwargs.get("peft_config") is not None else model,
                                   task_encoder)
         for name, ds in _datasets(kwargs).items():
             names = columns[name]
             if names is None:
                 continue
-            if DESCRIPTION_COLUMN in names and "task_embeds" in names:
+            if DESCRIPTION_COLUMN in names and "task_embeds" in names and "task_embeds" in self.conditioning_columns:
                 raise ConditioningError(f"{name} has both a 'task_embeds' and a {DESCRIPTION_COLUMN!r} column: keep "
                                         f"one (descriptions are embedded into task_embeds)")
             for column in self.conditioning_columns:

@@ -193,6 +193,12 @@ def test_another_width_is_refused_naming_both(encoder, tmp_path):
     with pytest.raises(hadapeft.ConditioningError, match="descriptions need an adapter with task_embed_dim"):
         hadapeft.SFTTrainer(model, args=sft_args(tmp_path), train_dataset=described_rows(6),
                             processing_class=char_tokenizer(), peft_config=hadapeft.FiLMConfig(num_tasks=3))
+    # beside a task_ids column, a description column is just another column for an adapter of task ids
+    both = described_rows(6).add_column("task_ids", [i % 3 for i in range(6)])
+    trainer = hadapeft.SFTTrainer(model, args=sft_args(tmp_path), train_dataset=both,
+                                  processing_class=char_tokenizer(), peft_config=hadapeft.FiLMConfig(num_tasks=3))
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["task_ids"].tolist() == [0, 1, 2, 0, 1, 2] and "task_embeds" not in batch
 
 
 def test_packing_packs_each_described_task_apart(encoder, tmp_path):
