@@ -19,9 +19,10 @@ Measured (seed 0, 16 steps of 8 rows, 80 validation articles x 2 tasks; 2 cores 
 | kvd-r4 | k, v, down | r=4 | 1e-2 | 0.525 | 0.113 | 0.938 | 0.644 | 1,022,400 |
 | kvd-hidden256 | k, v, down | hidden 256 | 1e-2 | 0.000 | 0.000 | 0.000 | 11.99 (diverged) | 1,276,032 |
 | kvd-lr3e-3 | k, v, down | | 3e-3 | **0.750** | 0.538 | 0.963 | **0.283** | 311,040 |
+| all-lr3e-3 | all 7 linear | | 3e-3 | 0.512 | 0.075 | 0.950 | 0.723 | 1,010,048 |
 
 HyperMod on HadaIA3's layers (k, v, down) wants a lower rate than on q/v: at 3e-3 it is the best row (+0.14 exact,
-loss 0.67 -> 0.28); a larger rank or a wider hypernetwork at 1e-2 is worse (the wider one diverges: the output of
+loss 0.67 -> 0.28); all seven linear layers at 3e-3 are worse (0.512); a larger rank or a wider hypernetwork at 1e-2 is worse (the wider one diverges: the output of
 a wider MLP moves faster at the same rate), so training is rate-fragile rather than capacity-starved.
 """
 
