@@ -18,6 +18,7 @@ check_peft_version()
 from . import registry, tuners  # noqa: E402
 from .backend import use_backend  # noqa: E402
 from .core.conditioning import conditioning, for_call  # noqa: E402
+from .descriptions import DescriptionEncoder, describe_tasks  # noqa: E402
 from .distributed import check_engine, fsdp_auto_wrap_policy, fsdp_units  # noqa: E402
 from .errors import (AdapterCheckpointError, ConditioningError, EngineError, HadapeftConfigError,  # noqa: E402
                      TargetModuleError)
@@ -48,7 +49,8 @@ def __getattr__(name):
 
 __all__ = [
     *(t.config_cls.__name__ for t in registry.ADAPTER_TYPES.values()),
-    "conditioning", "use_backend", "__version__", "allow_pickle_checkpoints", "allow_nonfinite_checkpoints",
+    "conditioning", "DescriptionEncoder", "describe_tasks", "use_backend", "__version__",
+    "allow_pickle_checkpoints", "allow_nonfinite_checkpoints",
     "HadapeftConfigError", "TargetModuleError", "AdapterCheckpointError", "ConditioningError", "EngineError",
     "fsdp_auto_wrap_policy", "fsdp_units", "check_engine",
     *(name for name, module in _LAZY.items() if module != "trl"),  # `import *` must work without TRL installed

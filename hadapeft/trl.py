@@ -1,8 +1,11 @@
 """TRL's ``SFTTrainer`` and ``DPOTrainer`` for conditioned adapters: drop-in subclasses that carry a dataset's
-``task_ids`` / ``task_embeds`` column to the model (see :mod:`hadapeft.trainer` for what TRL alone does with it)::
+``task_ids`` / ``task_embeds`` / ``task_description`` column to the model (see :mod:`hadapeft.trainer` for what TRL
+alone does with it)::
 
     trainer = hadapeft.SFTTrainer(model, args=SFTConfig(...), train_dataset=ds_with_task_ids_column,
                                   peft_config=hadapeft.FiLMConfig(num_tasks=3))
+    trainer = hadapeft.SFTTrainer(model, args=SFTConfig(...), train_dataset=ds_with_task_description_column,
+                                  peft_config=hadapeft.FiLMConfig(task_embed_dim=384))  # all-MiniLM-L6-v2's width
 
 Everything else is TRL's: formatting, chat templates, completion-only and assistant-only loss, truncation, packing,
 the loop, checkpoints, logging. With an unconditioned adapter (or none) they behave exactly as TRL's classes.
@@ -42,7 +45,8 @@ class KeepAdaptersFp32Mixin:
 
 
 class SFTTrainer(KeepAdaptersFp32Mixin, ConditionedTrainerMixin, SeamSFTTrainer, trl.SFTTrainer):
-    """``trl.SFTTrainer`` whose conditioned adapters get each example's ``task_ids`` / ``task_embeds`` column."""
+    """``trl.SFTTrainer`` whose conditioned adapters get each example's ``task_ids`` / ``task_embeds`` column (or
+    ``task_description``, embedded by ``task_encoder``: see :class:`hadapeft.ConditionedTrainerMixin`)."""
 
     def prepare_dataset(self, dataset, packing, prepare):
         if not packing:

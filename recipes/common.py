@@ -212,11 +212,13 @@ def check_conditioning(block: dict, recipe: str, columns=()) -> None:
     cls = adapter_class(kind)
     if block.get("task_embed_dim") is not None:
         column, what = "task_embeds", f"a task_embeds vector of task_embed_dim={block['task_embed_dim']} floats"
+        accepted = {"task_embeds", "task_description"}  # a description is embedded into task_embeds by the trainer
     elif block.get("num_tasks") is not None or issubclass(cls, TaskConditionedConfig):
         column, what = "task_ids", "a task id (num_tasks)"
+        accepted = {"task_ids"}
     else:
         return
-    if column in columns:
+    if accepted & set(columns):
         return
     hint = _CONDITIONING_HINTS.get(recipe, _CONDITIONING_HINTS["seq_cls"]).format(column=column)
     raise ConfigError(f"adapter type {str(kind).lower()!r} conditions every sample on {what}, but the {recipe} "

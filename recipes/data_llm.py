@@ -14,7 +14,12 @@ bodies from 2004-2005 in five sections) as chat examples in TRL's conversational
   ``instructions=False`` the two prompts are identical (no system turn), so only the task id tells the model what to answer -- what
   conditioned adapters (FiLM, HyperMod, multi-task HadaIA3) are for.
 
-The held-out split is a seeded permutation of the articles, the same for both data sets (no article in both).
+* :func:`manytask_dataset`: :data:`MANY_TASKS`, 16 exactly checkable tasks over the same input (section, headline
+  copy, first / last / second word, word count, upper / lower case, digit or not, ...), each given by a one-sentence
+  description (a ``task_description`` column) with two held-out rewordings; 5 tasks are never trained on (held out
+  whole), to measure whether an adapter conditioned on descriptions follows a task it never saw.
+
+The held-out split is a seeded permutation of the articles, the same for every data set (no article in both).
 :func:`generation_accuracy` scores greedy, batched generations by normalised exact match.
 """
 
@@ -24,7 +29,7 @@ import random
 import re
 import string
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from recipes.loading import BBC_PACKAGE, BBC_PACKAGE_PIN, _package_dir
 
@@ -112,6 +117,123 @@ def multitask_dataset(split: str = "train", seed: int = 0, eval_size: int = 200,
     rows = chat_rows(articles, (0, 1), max_words, instructions)
     rows["task_ids"] = [0, 1] * len(articles)
     return datasets.Dataset.from_dict(rows)
+
+
+# ------------------------------------------------------------------------------------------ many tasks in words
+@dataclass(frozen=True)
+class ManyTask:
+    """One task of the many-task problem: its answer for an article (checked by exact match, case included), the
+    one-sentence description it is trained with, rewordings never trained on, and whether it is trained on at all."""
+
+    name: str
+    description: str
+    rewordings: tuple[str, ...]
+    answer: Callable[[Article], str]
+    seen: bool = True  # False: held out whole (no training row), for zero-shot evaluation
+
+
+def _words(a: Article) -> list[str]:
+    return a.headline.split()
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+MANY_TASKS = (
+    ManyTask("section", "Name the BBC News section of the article in one word.",
+             ("Which section of BBC News is this article from? One word.",
+              "Answer with the article's news section: business, entertainment, politics, sports or tech."),
+             lambda a: a.topic),
+    ManyTask("headline", "Copy the headline of the article exactly.",
+             ("Repeat the article's title word for word.", "What is the headline? Write it out unchanged."),
+             lambda a: a.headline),
+    ManyTask("first_word", "Give the first word of the headline.",
+             ("Which word does the headline start with?", "Write only the opening word of the title."),
+             lambda a: _words(a)[0]),
+    ManyTask("last_word", "Give the last word of the headline.",
+             ("Which word does the headline end with?", "Write only the final word of the title."),
+             lambda a: _words(a)[-1]),
+    ManyTask("word_count", "Count the words in the headline and answer with the number in digits.",
+             ("How many words does the title have? Answer with a number.",
+              "Give the number of words in the headline, as digits."),
+             lambda a: str(len(_words(a)))),
+    ManyTask("upper", "Write the headline in capital letters.",
+             ("Copy the title with every letter upper-cased.", "Repeat the headline in all caps."),
+             lambda a: a.headline.upper()),
+    ManyTask("has_digit", "Answer yes if the headline contains a digit, otherwise no.",
+             ("Is there a number written in digits in the title? Say yes or no.",
+              "Is any character of the headline a digit? Answer yes or no."),
+             lambda a: _yes(any(c.isdigit() for c in a.headline))),
+    ManyTask("is_sport", "Answer yes if the article is about sport, otherwise no.",
+             ("Is this a sports story? Reply yes or no.", "Say yes for a sports article and no for any other."),
+             lambda a: _yes(a.topic == "sports")),
+    ManyTask("body_first_word", "Give the first word of the article text below the headline.",
+             ("Which word does the article's body start with?",
+              "Write only the opening word of the text that follows the title."),
+             lambda a: a.body.split()[0]),
+    ManyTask("reverse_words", "Write the words of the headline in reverse order.",
+             ("Repeat the title with its words backwards, last word first.",
+              "List the headline's words from the last to the first."),
+             lambda a: " ".join(reversed(_words(a)))),
+    ManyTask("initials", "Write the first letter of each word of the headline, with no spaces.",
+             ("Give the initials of the title's words joined together.",
+              "Take the first character of every headline word and write them as one string."),
+             lambda a: "".join(w[0] for w in _words(a))),
+    # held out whole: each recombines what trained tasks do (a position, a case, a yes/no about the section)
+    ManyTask("second_word", "Give the second word of the headline.",
+             ("Which word comes after the first one in the title?", "Write only the headline's second word."),
+             lambda a: _words(a)[1], seen=False),
+    ManyTask("lower", "Write the headline in lower case.",
+             ("Copy the title with every letter lower-cased.", "Repeat the headline in small letters only."),
+             lambda a: a.headline.lower(), seen=False),
+    ManyTask("is_business", "Answer yes if the article is about business, otherwise no.",
+             ("Is this a business story? Reply yes or no.", "Say yes for a business article and no for any other."),
+             lambda a: _yes(a.topic == "business"), seen=False),
+    ManyTask("last_word_upper", "Give the last word of the headline in capital letters.",
+             ("Write the title's final word upper-cased.", "Which word ends the headline? Answer in all caps."),
+             lambda a: _words(a)[-1].upper(), seen=False),
+    ManyTask("first_two_words", "Give the first two words of the headline.",
+             ("Which two words does the title start with?", "Write only the opening two words of the headline."),
+             lambda a: " ".join(_words(a)[:2]), seen=False),
+)
+TASK_SETS = {"seen": [t for t in MANY_TASKS if t.seen], "unseen": [t for t in MANY_TASKS if not t.seen],
+             "all": list(MANY_TASKS)}
+WORDINGS = ("description", "reworded")
+
+
+def manytask_rows(articles: Sequence[Article], tasks: Sequence[ManyTask], max_words: int,
+                  wording: str = "description", description_in_prompt: bool = False) -> list[dict]:
+    """Rows ``prompt`` (the article, the same for every task), ``completion``, ``task`` (its name) and
+    ``task_description``, article by article, one per task. ``wording="reworded"``: each row's description is one
+    of its task's held-out rewordings (alternating by article). ``description_in_prompt``: the description is also the
+    system turn (for methods that read the task from the prompt)."""
+    if wording not in WORDINGS:
+        raise ValueError(f"wording={wording!r}: choose from {WORDINGS}")
+    rows = []
+    for i, a in enumerate(articles):
+        user = [{"role": "user", "content": article_text(a, max_words)}]
+        for task in tasks:
+            text = task.description if wording == "description" else task.rewordings[i % len(task.rewordings)]
+            prompt = [{"role": "system", "content": text}] + user if description_in_prompt else user
+            rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": task.answer(a)}],
+                         "task": task.name, "task_description": text})
+    return rows
+
+
+def manytask_dataset(split: str = "train", seed: int = 0, eval_size: int = 200, max_words: int = 32,
+                     size: Optional[int] = None, tasks: str = "seen", wording: str = "description",
+                     description_in_prompt: bool = False):
+    """:func:`manytask_rows` of the ``split`` articles (``size``: the first ones) for the task set ``tasks``
+    (``"seen"``: the trained tasks, ``"unseen"``: the ones held out whole, ``"all"``), as a ``datasets.Dataset``."""
+    import datasets
+
+    if tasks not in TASK_SETS:
+        raise ValueError(f"tasks={tasks!r}: choose from {sorted(TASK_SETS)}")
+    train, test = split_articles(seed, eval_size)
+    articles = {"train": train, "test": test}[split][:size]
+    return datasets.Dataset.from_list(manytask_rows(articles, TASK_SETS[tasks], max_words, wording,
+                                                    description_in_prompt))
 
 
 # ------------------------------------------------------------------------------------------------------- evaluation

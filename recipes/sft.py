@@ -25,7 +25,8 @@ import hadapeft
 from recipes import common
 
 NAME = "sft"
-CONDITIONING_COLUMNS = ("task_ids", "task_embeds")  # per-row columns hadapeft.SFTTrainer carries to the model
+# Per-row columns hadapeft.SFTTrainer carries to the model (a task_description is embedded into task_embeds).
+CONDITIONING_COLUMNS = ("task_ids", "task_embeds", "task_description")
 DEFAULT_ADAPTER = {"type": "gated_lora", "r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
 ALPACA = "### Instruction:\n{instruction}\n\n### Response:\n"
 ALPACA_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"

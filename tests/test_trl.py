@@ -302,6 +302,62 @@ def test_a_missing_task_column_is_named(tmp_path):
         trainer.train()
 
 
+# A task column with a bad row: named (column, row, what was expected) when the trainer is built, before the model is
+# adapted; not torch's own error from the collator at the first step.
+BAD_TASK_COLUMNS = {
+    "none_id": ("task_ids", lambda col: [None if i == 4 else t for i, t in enumerate(col)],
+                "task_ids column, train_dataset row 4: None; expected an int in [0, 2] (num_tasks=3)"),
+    "string_id": ("task_ids", lambda col: ["copy", "reverse", "shift"] * 2,
+                  "task_ids column, train_dataset row 0: 'copy'; expected an int in [0, 2] (num_tasks=3): task names "
+                  "must be mapped to ids first"),
+    "id_out_of_range": ("task_ids", lambda col: [0, 1, 2, 3, 1, 2],
+                        "task_ids column, train_dataset row 3: 3; expected an int in [0, 2] (num_tasks=3)"),
+    "embed_width": ("task_embeds", lambda col: [v[:EMB - 1] if i == 2 else v for i, v in enumerate(col)],
+                    f"task_embeds column, train_dataset row 2: {EMB - 1} values; expected a list of {EMB} finite "
+                    f"floats (task_embed_dim={EMB})"),
+    "embed_none": ("task_embeds", lambda col: [None if i == 1 else v for i, v in enumerate(col)],
+                   f"task_embeds column, train_dataset row 1: None; expected a list of {EMB} finite floats "
+                   f"(task_embed_dim={EMB})"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TASK_COLUMNS)
+def test_a_bad_task_column_row_is_named_before_training(case, tmp_path):
+    column, corrupt, message = BAD_TASK_COLUMNS[case]
+    rows = sft_rows(6, column=column).to_dict()
+    rows[column] = corrupt(rows[column])
+    config = hadapeft.FiLMConfig(num_tasks=3) if column == "task_ids" else hadapeft.FiLMConfig(task_embed_dim=EMB)
+    model = build_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(hadapeft.ConditioningError) as err:
+        hadapeft.SFTTrainer(model, args=sft_args(tmp_path), train_dataset=datasets.Dataset.from_dict(rows),
+                            processing_class=char_tokenizer(), peft_config=config)
+    assert message in str(err.value)
+    assert not hasattr(model, "peft_config") and model.state_dict().keys() == before.keys()  # not adapted
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_bad_row_in_a_batch_is_named_by_the_collator():
+    """A collator used alone (a training loop of its own, an iterable dataset) names the example of the batch."""
+    collate = hadapeft.ConditioningCollator(lambda examples: {"n": len(examples)}, ("task_ids",), num_tasks=3)
+    assert torch.equal(collate([{"task_ids": 2}, {"task_ids": 0}])["task_ids"], torch.tensor([2, 0]))
+    with pytest.raises(hadapeft.ConditioningError,
+                       match=r"task_ids column, example 1 of the batch: None; expected an int in \[0, 2\]"):
+        collate([{"task_ids": 2}, {"task_ids": None}])
+
+
+def test_trl_own_sft_trainer_says_it_drops_the_task_column(tmp_path):
+    """TRL's own SFTTrainer drops the task_ids column: the error says so and names hadapeft.SFTTrainer."""
+    trainer = trl.SFTTrainer(build_model("llama"), args=sft_args(tmp_path, max_steps=1), train_dataset=sft_rows(6),
+                             processing_class=char_tokenizer(), peft_config=hadapeft.FiLMConfig(num_tasks=2))
+    with pytest.raises(hadapeft.ConditioningError) as err:
+        trainer.train()
+    assert ("no task_ids were given: pass task_ids=LongTensor[batch] to forward / generate, or run the model inside "
+            "`with hadapeft.conditioning(model, task_ids=...)`. From a dataset column: TRL's own trainers "
+            "(trl.SFTTrainer, trl.DPOTrainer) and collators drop task columns; train with hadapeft.SFTTrainer / "
+            "hadapeft.DPOTrainer, which carry them") in str(err.value)
+
+
 # --- packing: one task per packed row ---------------------------------------------------------------------------
 def _row_tasks(tok, input_ids) -> set[int]:
     """The tasks whose letters a packed row holds (task 2 shifts q..x to r..y)."""

@@ -195,7 +195,9 @@ class ConditioningState:
             when = " (recomputed in backward: no conditioned forward ran with grad enabled)" if in_backward else ""
             raise ConditioningError(f"{spec.describe(name)} is conditioned per sample but no {arg} were given{when}: "
                                     f"pass {arg}={shape} to forward / generate, or run the model inside "
-                                    f"`with hadapeft.conditioning(model, {arg}=...)`")
+                                    f"`with hadapeft.conditioning(model, {arg}=...)`. From a dataset column: TRL's "
+                                    f"own trainers (trl.SFTTrainer, trl.DPOTrainer) and collators drop task columns; "
+                                    f"train with hadapeft.SFTTrainer / hadapeft.DPOTrainer, which carry them")
         return cond
 
 

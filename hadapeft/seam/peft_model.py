@@ -8,7 +8,8 @@
 * ``save_pretrained`` of a hadapeft adapter is crash-consistent and safe with concurrent savers
   (:mod:`hadapeft.safety.atomic_save`), and checks what it wrote before committing it;
 * ``forward`` / ``generate`` take ``task_ids`` / ``task_embeds`` (peft's task wrappers capture ``task_ids`` for its
-  Poly method and silently drop it for every other type).
+  Poly method and silently drop it for every other type), and ``task_description`` (a list of sentences, see
+  :mod:`hadapeft.descriptions`).
 """
 
 from __future__ import annotations
@@ -282,7 +283,10 @@ def _conditioned_method(method, conditioning: Callable):
     untouched (peft's Poly takes ``task_ids``)."""
 
     @functools.wraps(method)
-    def wrapper(self, *args, task_ids=None, task_embeds=None, **kwargs):
+    def wrapper(self, *args, task_ids=None, task_embeds=None, task_description=None, **kwargs):
+        if task_description is not None:  # sentences, embedded by the encoder the adapter was trained with
+            from ..descriptions import description_embeds
+            task_embeds = description_embeds(self, task_description, task_embeds)
         if task_ids is None and task_embeds is None:
             return method(self, *args, **kwargs)
         configs = getattr(self, "peft_config", None) or {}

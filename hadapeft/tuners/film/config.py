@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ...core.config import TaskConditionedConfig, document_fields, help_field
+from ...descriptions import TASK_ENCODER_HELP, validate_task_encoder
 
 
 @document_fields
@@ -20,9 +22,11 @@ class FiLMConfig(TaskConditionedConfig):
     """
 
     hidden_dim: int = help_field(64, "Hidden width of the per-layer generator used with task_embed_dim.")
+    task_encoder: Optional[dict] = help_field(None, TASK_ENCODER_HELP)
     size_fields = ("num_tasks", "task_embed_dim", "hidden_dim")
     renamed_fields = {"generator_hidden": "hidden_dim"}  # hadapeft <= 0.1.0
 
     def validate(self):
         super().validate()
         self._positive("hidden_dim", self.hidden_dim)
+        validate_task_encoder(self)

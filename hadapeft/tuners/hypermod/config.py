@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ...core.config import TaskConditionedConfig, document_fields, help_field
+from ...descriptions import TASK_ENCODER_HELP, validate_task_encoder
 
 
 @document_fields
@@ -25,6 +27,7 @@ class HyperModConfig(TaskConditionedConfig):
     r: int = help_field(1, "Rank r of the multiplicative modulation Σ_i u_i v_iᵀ (r GEMMs per layer).")
     embed_dim: int = help_field(32, "Width of the task, layer and module-kind embeddings fed to the hypernetwork.")
     hidden_dim: int = help_field(64, "Width of the hypernetwork's MLP (the input of the per-kind heads).")
+    task_encoder: Optional[dict] = help_field(None, TASK_ENCODER_HELP)
 
     size_fields = ("r", "num_tasks", "task_embed_dim", "embed_dim", "hidden_dim")
     renamed_fields = {"rank": "r"}  # hadapeft <= 0.1.0
@@ -33,3 +36,4 @@ class HyperModConfig(TaskConditionedConfig):
         super().validate()
         for name in ("r", "embed_dim", "hidden_dim"):
             self._positive(name, getattr(self, name))
+        validate_task_encoder(self)
