@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.bench import _e2e_step, environment, measure_steps
+from scripts.bench import _e2e_step, device_tag, environment, measure_steps
 
 TARGETS = ["q_proj", "v_proj"]
 RANK, ALPHA = 16, 32
@@ -52,14 +52,14 @@ def shared_copy(base):
     return copy.deepcopy(base, memo={id(t): t for t in [*base.parameters(), *base.buffers()]})
 
 
-def train_rows(base, args, device):
+def train_rows(base, args, device, modes):
     from peft import get_peft_model
 
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=gen).to(device)
                for _ in range(2)]
     rows = []
-    for mode in args.modes:
+    for mode in modes:
         compiled, gc = MODES[mode]
         built = []
         for label, make in methods().items():
@@ -152,6 +152,17 @@ def markdown(env, rows, args, command):
     return "\n".join(lines) + "\n"
 
 
+def write(stem, env, rows, args, command) -> str:
+    ratios(rows)
+    for r in rows:
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+    stem.with_suffix(".json").write_text(json.dumps(dict(env=env, args=vars(args), command=command, rows=rows),
+                                                    indent=1, default=str))
+    md = markdown(env, rows, args, command)
+    stem.with_suffix(".md").write_text(md)
+    return md
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct", help="recipes.models alias, folder or Hub id")
@@ -166,6 +177,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--gen-repeats", type=int, default=10)
     p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--tag", default=None, help="file name device tag (default: h100, h200, ... or cpu)")
     args = p.parse_args(argv)
     command = "python -m scripts.bench_llm" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None
                                                                                       else argv))
@@ -176,23 +188,23 @@ def main(argv=None):
     base = base.to(device=device, dtype=torch.float32).requires_grad_(False)
     env = environment(device)
     print(json.dumps(env), flush=True)
-    rows = train_rows(base, args, device)
-    if args.generate:
-        rows += generate_rows(base, tok, args, device)
-    ratios(rows)
-    for r in rows:
-        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
-    tag = "cpu" if device.type == "cpu" else "gpu"
+    tag = args.tag or device_tag(env["device"], device)
     name = args.name or Path(args.model).name.split("-")[0].lower()
-    stem = f"{env['date']}-{tag}-{name}"
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(dict(env=env, args=vars(args), command=command, rows=rows),
-                                                 indent=1, default=str))
-    md = markdown(env, rows, args, command)
-    (out / f"{stem}.md").write_text(md)
+    stem = Path(args.out_dir) / f"{env['date']}-{tag}-{name}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    # Training modes one at a time, greedy generation after the first: the files are rewritten after each part, so
+    # a run stopped early keeps what it measured.
+    for k, mode in enumerate(args.modes):
+        rows += train_rows(base, args, device, [mode])
+        if k == 0 and args.generate:
+            rows += generate_rows(base, tok, args, device)
+        md = write(stem, env, rows, args, command)
+    if not args.modes and args.generate:
+        rows += generate_rows(base, tok, args, device)
+        md = write(stem, env, rows, args, command)
     print(md)
-    print(f"wrote {out / stem}.json and .md")
+    print(f"wrote {stem}.json and .md")
 
 
 if __name__ == "__main__":
