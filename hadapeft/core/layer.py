@@ -407,15 +407,17 @@ def adapter_tensor(layer: nn.Module, container: str, name: str) -> torch.Tensor:
     """``layer.<container>[name]`` (a ParameterDict entry) for the hot path: two dict reads instead of
     ``nn.Module.__getattr__`` and ``ParameterDict.__getitem__`` (~2 µs a read, as much as a small tensor op). An entry
     that an engine swapped for a plain tensor attribute (FSDP1 without ``use_orig_params``) takes the normal lookup."""
-    params = layer._modules[container]
-    p = params._parameters.get(name)
-    return p if p is not None else getattr(params, name)
+    return _module_tensor(layer._modules[container], name)
 
 
 def _module_tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
-    """``module.<name>`` for a parameter (or None), without ``nn.Module.__getattr__`` where it is registered."""
-    p = module._parameters.get(name)
-    return p if p is not None else getattr(module, name)
+    """``module.<name>`` for a parameter (or None), without ``nn.Module.__getattr__`` where it is registered. Indexed,
+    never ``.get()``: DeepSpeed ZeRO-3 replaces ``_parameters`` by a dict whose ``__getitem__`` gathers a partitioned
+    parameter (``dict.get`` would hand back the empty partition)."""
+    parameters = module._parameters
+    if name in parameters:
+        return parameters[name]
+    return getattr(module, name)
 
 
 def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
