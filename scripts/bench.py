@@ -194,7 +194,8 @@ def _allocated(device, model, opt):
         return torch.cuda.memory_allocated(device)
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    tensors += [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    if opt is not None:
+        tensors += [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
@@ -434,6 +435,39 @@ def _e2e_methods(device):
     return methods
 
 
+def measure_steps(built, device, warmup, steps, tokens=None, peak=True):
+    """Time the cases ``built`` = [(row, step, model, opt or None)] and write into each row ``step_ms`` (median),
+    ``tokens_per_s`` (with ``tokens``) and ``peak_gib`` (``peak``: the most memory held during one step, the
+    model's tensors and the optimizer state included). On CPU the cases take turns step by step
+    (``interleaved_cpu_times``); on CUDA they run one after another, each alone on the device, and are dropped from
+    ``built`` once measured. A case that fails gets an ``error`` and the others go on."""
+    groups = [list(built)] if device.type == "cpu" else [[b] for b in built]
+    if device.type == "cuda":
+        built.clear()  # the groups hold the only references: a measured model is freed before the next is timed
+    for group in groups:
+        try:
+            for row, step, model, opt in group:  # warm-up (compiles), then the whole step's peak memory
+                for i in range(warmup):
+                    step(i)
+                if peak:
+                    row["peak_gib"] = (peak_bytes(lambda: step(0), device) + _allocated(device, model, opt)) / 2**30
+            if device.type == "cpu":
+                times = interleaved_cpu_times([b[1] for b in group], 0, steps)
+            else:
+                times = [sequential_times(group[0][1], device, 0, steps)[0]]
+            for (row, *_), t in zip(group, times):
+                row["step_ms"] = statistics.median(t)
+                row["steps_timed"] = len(t)
+                if tokens:
+                    row["tokens_per_s"] = tokens / row["step_ms"] * 1e3
+        except Exception as e:  # noqa: BLE001 - keep going; the table says what failed
+            for row, *_ in group:
+                row.setdefault("error", f"{type(e).__name__}: {e}"[:300])
+        if device.type == "cuda":
+            group.clear()
+            torch.cuda.empty_cache()
+
+
 def run_e2e(args, device, dtype):
     """Every method's training step (eager, and compiled with ``--compile``) on one Llama-shaped model. On CPU the
     cases are built side by side and take turns step by step (``interleaved_cpu_times``); on GPU one at a time."""
@@ -467,26 +501,7 @@ def run_e2e(args, device, dtype):
                 built.append((row, _e2e_step(forward, opt, batches, cond, backend), model, opt))
             except Exception as e:  # noqa: BLE001 - keep going; the table says what failed
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
-    groups = [built] if device.type == "cpu" else [[b] for b in built]
-    for group in groups:
-        try:
-            for row, step, model, opt in group:  # warm-up (compiles), then the whole step's peak memory
-                for i in range(warmup):
-                    step(i)
-                row["peak_gib"] = (peak_bytes(lambda: step(0), device) + _allocated(device, model, opt)) / 2**30
-            if device.type == "cpu":
-                times = interleaved_cpu_times([b[1] for b in group], 0, steps)
-            else:
-                times = [sequential_times(group[0][1], device, 0, steps)[0]]
-            for (row, *_), t in zip(group, times):
-                ms = statistics.median(t)
-                row.update(step_ms=ms, tokens_per_s=batch * seq / ms * 1e3)
-        except Exception as e:  # noqa: BLE001
-            for row, *_ in group:
-                row.setdefault("error", f"{type(e).__name__}: {e}"[:300])
-        if device.type == "cuda":
-            group.clear()
-            torch.cuda.empty_cache()
+    measure_steps(built, device, warmup, steps, tokens=batch * seq)
     for mode in modes:
         ref = next((r for r in rows if r["method"] == "peft_lora" and r["mode"] == mode and r.get("tokens_per_s")),
                    None)
@@ -561,6 +576,13 @@ def environment(device):
         # Other processes on a shared CPU skew timings; the 1-minute load average at the start says how much.
         env["load_average_1min"] = round(os.getloadavg()[0], 2)
     return env
+
+
+def device_tag(name: str, device) -> str:
+    """File-name tag of a device: h100, h200, a100, l40, a10, else gpu, or cpu."""
+    if torch.device(device).type == "cpu":
+        return "cpu"
+    return next((t for t in ("h100", "h200", "a100", "l40", "a10") if t in name.lower()), "gpu")
 
 
 def targets(rows):
@@ -710,8 +732,7 @@ def main(argv=None):
     args.dtype = args.dtype or PRESETS[args.preset]["dtype"]
     dtype = getattr(torch, args.dtype)
     env = environment(device)
-    tag = args.tag or next((t for t in ("h100", "h200", "a100", "l40", "a10") if t in env["device"].lower()),
-                           "cpu" if device.type == "cpu" else "gpu")
+    tag = args.tag or device_tag(env["device"], device)
     print(json.dumps(env), flush=True)
 
     if args.e2e:

@@ -6,6 +6,7 @@ tests do: ``|kernel − ref64| ≤ 2 · |eager − ref64| + floor``, floor = a f
 Every buffer the launchers allocate starts as NaN (``POISON_OUTPUTS``), so an unwritten element fails.
 """
 
+import contextlib
 import itertools
 import os
 import subprocess
@@ -244,6 +245,110 @@ def test_modulated_linear_single_row_tables_required_without_index():
     x, weight, bias, _, out_scale, _, _ = _mod_inputs(2, 3, 48, 48, True, False, True, False, torch.float32)
     with pytest.raises(ValueError, match="single-row"):
         modulated_linear_triton(x, weight, bias, out_scale=out_scale, index=None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every adapter option set through its layers: the kernels ran (launches counted) and agree with the PyTorch path.
+# A parity test alone cannot tell a kernel from the torch path it is compared with (FiLM and HyperMod agree with it
+# to exactly 0.0), so each launch of a kernel is counted; a dispatch that falls back to torch fails here.
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Counted:
+    """A Triton kernel (``JITFunction`` / ``Autotuner``) whose ``kernel[grid](...)`` launches are counted."""
+
+    def __init__(self, kernel, key, counts):
+        self.kernel, self.key, self.counts = kernel, key, counts
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def counted(*args, **kwargs):
+            self.counts[self.key] += 1
+            return launch(*args, **kwargs)
+        return counted
+
+    def __getattr__(self, name):
+        return getattr(self.kernel, name)
+
+
+def _count_launches(monkeypatch) -> "collections.Counter":
+    """Count every launch of the kernels of ``hadapeft.kernels`` by (op file, kernel name)."""
+    import collections
+
+    import hadapeft.kernels.gated_lora as gated_module
+    import hadapeft.kernels.modulate as modulate_module
+
+    counts = collections.Counter()
+    for module in (gated_module, modulate_module):
+        op = module.__name__.rsplit(".", 1)[-1]
+        for name, kernel in list(vars(module).items()):
+            if name.endswith(("_kernel", "_tuned")) and hasattr(kernel, "__getitem__"):
+                monkeypatch.setattr(module, name, _Counted(kernel, (op, name), counts))
+    return counts
+
+
+def _option_sets():
+    import hadapeft
+    from hadapeft import registry
+
+    assert hadapeft  # registers the adapter types
+    return [(t, o) for t in registry.ADAPTER_TYPES.values() for o in t.option_sets]
+
+
+class _Stack(torch.nn.Module):
+    """``layers.<i>.proj``: numbered layers of one kind (HyperMod's layer table sees both)."""
+
+    def __init__(self, d=32, layers=2):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleDict({"proj": torch.nn.Linear(d, d)}) for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer["proj"](x)
+        return x
+
+
+@in_process
+@pytest.mark.parametrize("adapter_type,option", _option_sets(), ids=[o for _, o in _option_sets()])
+def test_every_adapter_launches_its_kernels(adapter_type, option, monkeypatch):
+    import hadapeft
+    from peft import get_peft_model
+    from scripts.bench import conditioning_kwargs
+
+    kwargs = adapter_type.option_sets[option].kwargs
+    overrides = dict(target_modules=["proj"], init_weights=False, backend="triton")
+    if "feedforward_modules" in kwargs:  # the option's feedforward (input-scale) path, on this model's layers
+        overrides["feedforward_modules"] = ["proj"]
+    if "fused_qkv_modules" in kwargs:
+        overrides["fused_qkv_modules"] = None
+    config = adapter_type.make_config(option, **overrides)
+    torch.manual_seed(0)
+    model = get_peft_model(_Stack(), config).to(DEVICE).eval()  # eval: no dropout, the same output on both paths
+    cond = conditioning_kwargs(config, 2, torch.device(DEVICE)) if hasattr(config, "conditioning_spec") else {}
+    x = torch.randn(2, 5, 32, device=DEVICE, requires_grad=True)
+    params = [x] + [p for p in model.parameters() if p.requires_grad]
+    op = "gated_lora" if adapter_type.name == "GATED_LORA" else "modulate"
+    counts = _count_launches(monkeypatch)
+
+    def run():
+        with hadapeft.conditioning(model, **cond) if cond else contextlib.nullcontext():
+            y = model(x)
+            forward = sum(counts.values())
+            grads = torch.autograd.grad(y.square().sum(), params)
+        return y, grads, forward
+
+    y, grads, forward = run()
+    backward = sum(counts.values()) - forward
+    assert forward >= 2 and backward >= 2, f"{option}: {dict(counts)} (a kernel per adapted layer and direction)"
+    assert {key[0] for key in counts} == {op}, f"{option}: kernels of another op ran: {dict(counts)}"
+    counts.clear()
+    with hadapeft.use_backend("torch"):
+        y_ref, grads_ref, _ = run()
+    assert not counts, f"{option}: the torch backend launched kernels {dict(counts)}"
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------

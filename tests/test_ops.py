@@ -14,7 +14,7 @@ import torch
 from conftest import check_against_fp64, op_eager_fp64
 
 from hadapeft.ops import reduce
-from hadapeft.ops.gated_lora import gated_lora_ref, gated_lora_torch
+from hadapeft.ops.gated_lora import gated_lora_ref, gated_lora_torch, unit_gate
 from hadapeft.ops.modulate import modulated_linear_ref, modulated_linear_torch
 
 DTYPES = {"fp32": (torch.float32, 16), "bf16": (torch.bfloat16, 4)}
@@ -42,22 +42,42 @@ GATED = [((7,), 48, 200, 4, "vector", False, True), ((3, 43), 200, 48, 16, "scal
          ((4,), 20, 30, 2, "scalar", False, True)]
 
 
-def test_gate_is_clamped_forward_and_straight_through_backward():
-    """γ outside [0, 1] acts as its clamp in the forward; dγ is the unclamped formula's Σ dy ∘ (h − l)."""
+@pytest.mark.parametrize("recompute", [False, True], ids=["save", "recompute"])
+def test_gate_parameter_is_reflected_forward_and_backward(recompute):
+    """The op takes the gate parameter g: γ = unit_gate(g) in the forward, dg = ±Σ dy ∘ (h − l) with the
+    reflection's slope (+1 on [0, 1], the kinks g = 0 and g = 1 included: no dead start at γ = 1)."""
     torch.manual_seed(0)
-    x, w, A, B = torch.randn(5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
-    gate = torch.tensor([1.4, -0.5, 0.3, 1.0, 0.0, 2.0], requires_grad=True)
-    y = gated_lora_torch(x, w, None, A, B, gate, 0.5)
-    gc = gate.detach().clamp(0, 1)
+    x, w, A, B = torch.randn(5, 8), torch.randn(7, 8), torch.randn(2, 8), torch.randn(7, 2)
+    gate = torch.tensor([1.0, 0.0, 0.3, 1.25, -0.5, 2.5, 3.0], requires_grad=True)
+    y = gated_lora_torch(x, w, None, A, B, gate, 0.5, recompute=recompute)
+    gamma = torch.tensor([1.0, 0.0, 0.3, 0.75, 0.5, 0.5, 1.0])
     h, low = x @ w.t(), x @ A.t() @ B.t() * 0.5
-    torch.testing.assert_close(y, gc * h + (1 - gc) * low)
+    torch.testing.assert_close(y, gamma * h + (1 - gamma) * low)
     (dgate,) = torch.autograd.grad(y, gate, torch.ones_like(y))
-    torch.testing.assert_close(dgate, (h - low).sum(0))
+    slope = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, 1.0, 1.0])  # as unit_gate: +1 where g mod 2 <= 1
+    torch.testing.assert_close(dgate, slope * (h - low).sum(0))
+    with torch.no_grad():  # inference: the same output without an autograd node
+        y_inf = gated_lora_torch(x, w, None, A, B, gate, 0.5, recompute=recompute)
+    assert y_inf.grad_fn is None
+    torch.testing.assert_close(y_inf, y.detach())
 
 
+def test_identity_at_init_is_exact():
+    """γ = 1 (g = 1) and B = 0: the output is the frozen layer's output bit for bit, on a strided input too."""
+    torch.manual_seed(0)
+    x = torch.randn(9, 5, 48).transpose(0, 1)
+    w, b, A = torch.randn(40, 48), torch.randn(40), torch.randn(4, 48)
+    B, gate = torch.zeros(40, 4, requires_grad=True), torch.ones(40, requires_grad=True)
+    want = torch.nn.functional.linear(x, w, b)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            assert torch.equal(gated_lora_torch(x, w, b, A, B, gate, 2.0), want)
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["save", "recompute"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", GATED, ids=lambda c: f"{c[0]}-{c[1]}x{c[2]}-r{c[3]}-{c[4]}-lx{int(c[5])}")
-def test_gated_lora_torch_matches_fp64(case, dtype, block):
+def test_gated_lora_torch_matches_fp64(case, dtype, recompute, block):
     dtype, ulps = DTYPES[dtype]
     torch.manual_seed(0)
     lead, d_in, d_out, r, gate_kind, with_lx, with_bias = case
@@ -65,10 +85,12 @@ def test_gated_lora_torch_matches_fp64(case, dtype, block):
     weight = _rand(d_out, d_in, dtype=dtype, scale=d_in ** -0.5, grad=False)
     bias = _rand(d_out, dtype=dtype, grad=False) if with_bias else None
     A, B = _rand(r, d_in, dtype=dtype, scale=d_in ** -0.5), _rand(d_out, r, dtype=dtype, scale=0.5)
+    # gate parameters inside and outside [0, 1]: the op reflects them (γ = unit_gate(g), exact here)
     gate = (torch.rand(d_out if gate_kind == "vector" else 1) * 1.6 - 0.3).to(dtype).requires_grad_()
     inputs = [x, A, B, gate] + ([_rand(*lead, d_in, dtype=dtype)] if with_lx else [])
-    _compare(lambda x, A, B, g, lx=None: gated_lora_torch(x, weight, bias, A, B, g, 1.5, lx),
-             lambda x, A, B, g, lx=None, upcast=False: gated_lora_ref(x, weight, bias, A, B, g, 1.5, lx, upcast),
+    _compare(lambda x, A, B, g, lx=None: gated_lora_torch(x, weight, bias, A, B, g, 1.5, lx, recompute),
+             lambda x, A, B, g, lx=None, upcast=False: gated_lora_ref(x, weight, bias, A, B, unit_gate(g), 1.5, lx,
+                                                                      upcast),
              inputs, torch.randn(*lead, d_out), dtype, ulps, ["dx", "dA", "dB", "dgate", "dlora_x"])
 
 

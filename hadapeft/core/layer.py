@@ -32,7 +32,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..backend import resolve_backend
-from ..ops import gated_lora_linear, modulated_linear
+from ..ops import gated_lora_linear, modulated_linear, unit_gate
 from ..seam.tuner import SeamTunerLayer
 from . import frozen
 
@@ -48,8 +48,8 @@ class LowRank:
     A: torch.Tensor  # (r, d_in)
     B: torch.Tensor  # (d_out, r)
     scaling: float  # s = lora_alpha / r
-    gate: torch.Tensor  # γ, (d_out,) or (1,), in [0, 1] (the adapter maps its parameter there, with autograd)
-    dropout: Optional[nn.Module] = None  # applied to x for the branch while training
+    gate: torch.Tensor  # the gate parameter g, (d_out,) or (1,); γ = unit_gate(g) in [0, 1] (hadapeft.ops)
+    dropout: Optional[nn.Module] = None  # applied to x for the branch while training (None: no dropout)
     recompute: bool = False  # keep no N × d_out activation for dγ: recompute W x in backward (one more GEMM)
 
 
@@ -159,52 +159,67 @@ class HadaLayer(nn.Module, SeamTunerLayer):
 
     def frozen_weight(self, dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Dense (d_out, d_in) frozen weight and bias in ``dtype``."""
-        base = self.base_layer
-        return _cast(frozen.dense_weight(base, self.base_kind), dtype), _cast(base.bias, dtype)
+        base = self._modules["base_layer"]
+        if self.base_kind == "linear":
+            w, b = _module_tensor(base, "weight"), _module_tensor(base, "bias")
+        else:
+            w, b = frozen.dense_weight(base, self.base_kind), base.bias
+        return (w if w.dtype == dtype else w.to(dtype)), (b if b is None or b.dtype == dtype else b.to(dtype))
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # The hot path of every adapted layer: plain attribute reads, no per-call allocations beyond the math.
-        base = self.base_layer
+        base = self._modules["base_layer"]
         disabled, active = self.switch_state()
         if disabled:
             if self.merged_adapters:
                 self.unmerge()
             return base(x, *args, **kwargs)
-        active = [a for a in ((active,) if isinstance(active, str) else active) if a in self.backend]
-        if self.merged_adapters or not active:
+        if self.merged_adapters:
             return base(x, *args, **kwargs)
-        autocast = torch.is_autocast_enabled(x.device.type)
-        dtype = frozen.compute_dtype(base, self.base_kind, x, autocast)
+        if isinstance(active, str):
+            active = (active,) if active in self.backend else ()
+        else:
+            active = [a for a in active if a in self.backend]
+        if not active:
+            return base(x, *args, **kwargs)
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        kind = self.base_kind
+        if not autocast and (kind == "linear" or kind == "conv1d"):
+            dtype = _module_tensor(base, "weight").dtype  # what frozen.compute_dtype returns, without the call
+        else:
+            dtype = frozen.compute_dtype(base, kind, x, autocast)
         if x.dtype != dtype:
             x = x.to(dtype)
         # Dense bases: the first adapter runs on the frozen weight itself (inner=None). Quantized bases keep their own
         # forward (bitsandbytes' int8 / 4-bit matmul, which re-dequantizes in backward) so QLoRA's memory profile is
         # preserved: a fused op would have to hold a dequantized copy of W until backward.
-        fn: Optional[Callable] = None if self.base_kind in ("linear", "conv1d") else base
+        dense = kind == "linear" or kind == "conv1d"
+        if dense and not autocast and len(active) == 1:  # the common case, without the closure
+            return self.adapter_forward(active[0], x, None, dtype)
+        fn: Optional[Callable] = None if dense else base
         for name in active:  # each adapter modulates the map built so far
             fn = _Bound(self, name, fn, dtype)
         if not autocast:  # entering an autocast context costs host time per call
             return fn(x)
-        with torch.autocast(x.device.type, enabled=False):  # the ops run in `dtype`, as the base layer would
+        with torch.autocast(device, enabled=False):  # the ops run in `dtype`, as the base layer would
             return fn(x)
 
     def adapter_forward(self, name: str, x: torch.Tensor, inner: Optional[Callable], dtype: torch.dtype):
         """Output of adapter ``name``, modulating the frozen dense layer (``inner`` None) or the map ``inner``.
 
-        On the dense layer with the Triton backend this is one fused kernel (``hadapeft.ops``). Otherwise it is the
-        :class:`Modulation` formula in native torch ops, on the frozen linear or on ``inner``: autograd's C++ nodes
-        cost less host time per layer than a Python autograd Function. Gated LoRA's ``gate_grad="recompute"`` keeps
-        no N × d_out tensor for backward (h − l is recomputed there)."""
+        On the dense layer this is one op of ``hadapeft.ops`` (the Triton kernel, or on the PyTorch backend one
+        autograd Function per layer for Gated LoRA). Otherwise it is the :class:`Modulation` formula in native torch
+        ops, on the frozen linear or on ``inner``: autograd's C++ nodes cost less host time per layer than a Python
+        autograd Function for these few element-wise ops."""
         mod = self.modulation(name)
+        if mod.lora is not None:
+            return self._low_rank_forward(mod.lora, name, x, inner, dtype)
         index = mod.index(x)
-        lora = mod.lora
-        lora_x = None
-        if lora is not None and self.training and isinstance(lora.dropout, nn.Dropout):
-            lora_x = lora.dropout(x)
         if inner is None:
             w, b = self.frozen_weight(dtype)
             if resolve_backend(self.backend[name], x.device) == "triton":
-                return self._fused(mod, x, w, b, index, lora_x, dtype)
+                return self._fused(mod, x, w, b, index, dtype)
             full = (lambda z: F.linear(z, w, b))  # noqa: E731  the frozen map, A z + c
             linear, const = (lambda z: F.linear(z, w)), b  # noqa: E731  its linear part A z and constant c
         else:
@@ -219,28 +234,6 @@ class HadaLayer(nn.Module, SeamTunerLayer):
             if const is None and inner is not None:
                 const = inner(x.new_zeros(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1]))
             return const
-
-        if lora is not None:  # y = l + γ ∘ (h − l), l = s · B A dropout(x)
-            A, B = _cast(lora.A, dtype), _cast(lora.B, dtype)
-
-            def low_rank(u):
-                return F.linear(u, B) * lora.scaling if lora.scaling != 1 else F.linear(u, B)
-
-            u = F.linear(x if lora_x is None else lora_x, A)  # (..., r)
-            low = low_rank(u)
-            diff = full(x) - low  # h − l, what dγ = Σ dy ∘ (h − l) needs
-            gate = _cast(lora.gate, dtype)
-            if not lora.recompute or not torch.is_grad_enabled():
-                return torch.addcmul(low, gate, diff)
-            if torch.compiler.is_compiling():  # dynamo cannot trace saved-tensor hooks; checkpointing it can
-                def mix(x, u, gate):
-                    low = low_rank(u)
-                    return torch.addcmul(low, gate, full(x) - low)
-                return torch.utils.checkpoint.checkpoint(mix, x, u, gate, use_reentrant=False)
-            # Keep no N × d_out tensor for backward: autograd stores a recipe for h − l (x and u, which the
-            # low-rank branch keeps anyway) and backward recomputes it, one more GEMM.
-            with _recomputed(diff, lambda: full(x) - low_rank(u)):
-                return torch.addcmul(low, gate, diff)
 
         def row(t):  # a table's rows for the input rows, shaped to broadcast over x
             return None if t is None else _per_row(_cast(t, dtype), index, x)
@@ -261,15 +254,40 @@ class HadaLayer(nn.Module, SeamTunerLayer):
             y = y if c is None else y + c
         return y if mod.shift is None else y + row(mod.shift)
 
-    def _fused(self, mod: Modulation, x, w, b, index, lora_x, dtype):
+    def _low_rank_forward(self, lora: LowRank, name: str, x, inner: Optional[Callable], dtype: torch.dtype):
+        """``y = l + γ ∘ (h − l)``, l = s · B A dropout(x), γ = unit_gate(g): on the dense frozen weight one op
+        (``hadapeft.ops.gated_lora_linear``); on an inner map (a bitsandbytes base, or the map built by the adapters
+        before this one) native ops, with ``recompute`` keeping no N × d_out tensor for backward."""
+        lora_x = lora.dropout(x) if self.training and lora.dropout is not None else None
+        A, B, g = _cast(lora.A, dtype), _cast(lora.B, dtype), _cast(lora.gate, dtype)
+        if inner is None:
+            w, b = self.frozen_weight(dtype)
+            return gated_lora_linear(x, w, b, A, B, g, lora.scaling, lora_x, lora.recompute, self.backend[name])
+        gate = unit_gate(g)
+
+        def low_rank(u):
+            return F.linear(u, B) * lora.scaling if lora.scaling != 1 else F.linear(u, B)
+
+        u = F.linear(x if lora_x is None else lora_x, A)  # (..., r)
+        low = low_rank(u)
+        diff = inner(x) - low  # h − l, what dγ = Σ dy ∘ (h − l) needs
+        if not lora.recompute or not torch.is_grad_enabled():
+            return torch.addcmul(low, gate, diff)
+        if torch.compiler.is_compiling():  # dynamo cannot trace saved-tensor hooks; checkpointing it can
+            def mix(x, u, gate):
+                low = low_rank(u)
+                return torch.addcmul(low, gate, inner(x) - low)
+            return torch.utils.checkpoint.checkpoint(mix, x, u, gate, use_reentrant=False)
+        # Keep no N × d_out tensor for backward: autograd stores a recipe for h − l (x and u, which the low-rank
+        # branch keeps anyway) and backward recomputes it, one more pass of the inner map.
+        with _recomputed(diff, lambda: inner(x) - low_rank(u)):
+            return torch.addcmul(low, gate, diff)
+
+    def _fused(self, mod: Modulation, x, w, b, index, dtype):
         """The fused Triton kernels of ``hadapeft.ops`` on the dense frozen weight."""
         backend = "triton"
         if index is None and mod.per_sample:  # the ops read a table with several rows through an index
             index = mod.rows(x.shape[0], x.device)
-        lora = mod.lora
-        if lora is not None:
-            return gated_lora_linear(x, w, b, _cast(lora.A, dtype), _cast(lora.B, dtype), _cast(lora.gate, dtype),
-                                     lora.scaling, lora_x, backend=backend)
         y = None
         for k, (i, o) in enumerate(mod.scales):
             term = modulated_linear(x, w, b if k == 0 else None, in_scale=_cast(i, dtype), out_scale=_cast(o, dtype),
@@ -285,7 +303,7 @@ class HadaLayer(nn.Module, SeamTunerLayer):
             mod = self.modulation(name)
             lora = mod.lora
             if lora is not None:
-                gate = lora.gate.detach().float()
+                gate = unit_gate(lora.gate.detach().float())
                 delta = (lora.B.detach().float() * lora.scaling) @ lora.A.detach().float()
                 return MergeTerms(M=gate.unsqueeze(-1), W_add=(1 - gate).unsqueeze(-1) * delta, m=gate)
             k = 0 if mod.rows is None or mod.per_sample else mod.rows(1, torch.device("cpu"))[0]
@@ -383,6 +401,23 @@ class _Bound:
 
     def __call__(self, x):
         return self.layer.adapter_forward(self.name, x, self.inner, self.dtype)
+
+
+def adapter_tensor(layer: nn.Module, container: str, name: str) -> torch.Tensor:
+    """``layer.<container>[name]`` (a ParameterDict entry) for the hot path: two dict reads instead of
+    ``nn.Module.__getattr__`` and ``ParameterDict.__getitem__`` (~2 µs a read, as much as a small tensor op). An entry
+    that an engine swapped for a plain tensor attribute (FSDP1 without ``use_orig_params``) takes the normal lookup."""
+    return _module_tensor(layer._modules[container], name)
+
+
+def _module_tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """``module.<name>`` for a parameter (or None), without ``nn.Module.__getattr__`` where it is registered. Indexed,
+    never ``.get()``: DeepSpeed ZeRO-3 replaces ``_parameters`` by a dict whose ``__getitem__`` gathers a partitioned
+    parameter (``dict.get`` would hand back the empty partition)."""
+    parameters = module._parameters
+    if name in parameters:
+        return parameters[name]
+    return getattr(module, name)
 
 
 def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:

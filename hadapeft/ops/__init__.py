@@ -18,15 +18,18 @@ def _base_trains(weight, bias) -> bool:
     return weight.requires_grad or (bias is not None and bias.requires_grad)
 
 
-def gated_lora_linear(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=None, backend="auto"):
-    """``γ ∘ (x Wᵀ + b) + (1 − γ) ∘ (s · lora_x Aᵀ Bᵀ)``; shapes in ``hadapeft/ops/gated_lora.py``."""
+def gated_lora_linear(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=None, recompute=False,
+                      backend="auto"):
+    """``γ ∘ (x Wᵀ + b) + (1 − γ) ∘ (s · lora_x Aᵀ Bᵀ)`` with γ = ``unit_gate(gate)`` (``gate`` is the parameter);
+    shapes in ``hadapeft/ops/gated_lora.py``. ``recompute``: the PyTorch path keeps no N × d_out tensor for the
+    gate's gradient (the Triton kernel always keeps h, which its forward writes anyway)."""
     if resolve_backend(backend, x.device) == "triton":
         from ..kernels.gated_lora import gated_lora_triton
 
-        return gated_lora_triton(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x)
+        return gated_lora_triton(x, weight, bias, lora_A, lora_B, unit_gate(gate), scaling, lora_x)
     if _base_trains(weight, bias):
-        return gated_lora_ref(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x)
-    return gated_lora_torch(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x)
+        return gated_lora_ref(x, weight, bias, lora_A, lora_B, unit_gate(gate), scaling, lora_x)
+    return gated_lora_torch(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x, recompute)
 
 
 def modulated_linear(x, weight, bias, in_scale=None, out_scale=None, shift=None, index=None, scale_bias=True,

@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from ...core.layer import HadaLayer, LowRank, Modulation
+from ...core.layer import HadaLayer, LowRank, Modulation, adapter_tensor
 from ...ops import unit_gate
 
 
@@ -49,5 +49,8 @@ class GatedLoraLinear(HadaLayer):
         return unit_gate(self.gated_lora_gate[name])
 
     def modulation(self, name):
-        return Modulation(lora=LowRank(self.gated_lora_A[name], self.gated_lora_B[name], self.scaling[name],
-                                       self.gate(name), self.lora_dropout[name], self.gate_recompute[name]))
+        dropout = self._modules["lora_dropout"]._modules[name]
+        return Modulation(lora=LowRank(adapter_tensor(self, "gated_lora_A", name),
+                                       adapter_tensor(self, "gated_lora_B", name), self.scaling[name],
+                                       adapter_tensor(self, "gated_lora_gate", name),
+                                       dropout if isinstance(dropout, nn.Dropout) else None, self.gate_recompute[name]))
