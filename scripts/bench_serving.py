@@ -24,8 +24,8 @@ the table gives each case's largest logit difference from the base model as evid
 Two measures per case: ``prefill`` (one forward of the prompts, the logits of the last position) and ``generate``
 (greedy, exactly ``--new-tokens`` new tokens; the prefill included). Time is the CPU time of this thread
 (``time.thread_time``) with ``--threads`` torch threads (default 1: then all the work runs on this thread, and other
-processes of a shared machine cannot add to it); the cases take turns repeat by repeat
-(``scripts.bench.interleaved_cpu_times``), medians over ``--repeats`` after a warm-up of each model.
+processes of a shared machine cannot add to it); with ``--device cuda`` (``scripts.gpu_results``) wall time, each
+step synchronized. The cases take turns repeat by repeat (``scripts.bench.interleaved_cpu_times``), medians over ``--repeats`` after a warm-up of each model.
 Results: ``benchmarks/results/<date>-cpu-serving.{json,md,png}`` (the plot: time over the base model's against the
 number of tasks in the batch, one line per method).
 """
@@ -78,17 +78,17 @@ def tiny_llama():
     return LlamaForCausalLM(cfg).eval()
 
 
-def model_loader(name: str) -> Callable:
+def model_loader(name: str, device="cpu") -> Callable:
     """A function returning a fresh copy of the model (the same weights each time) in eval mode, its weights frozen
     as peft leaves a base model. The base model must be frozen too, not only for fairness: with torch 2.13 on CPU,
     ``F.linear`` of a non-contiguous 3-D input with a weight that does not require grad takes a batched-matmul path
     that re-reads the weight per row -- transformers' prefill slices the last position before the lm_head
     (``logits_to_keep=1``), so a frozen SmolLM2 prefills a batch of 64 x 16 tokens in ~3.1 s instead of ~2.7 s."""
     if name == "tiny":
-        return lambda: tiny_llama().requires_grad_(False)
+        return lambda: tiny_llama().requires_grad_(False).to(device)
     from recipes.models import load_causal_lm
 
-    return lambda: load_causal_lm(name)[0].eval().requires_grad_(False)
+    return lambda: load_causal_lm(name)[0].eval().requires_grad_(False).to(device)
 
 
 def prompts(name: str, batch: int, length: int) -> dict:
@@ -178,19 +178,29 @@ def peft_mixed_batch_problem(method: str) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------------------------------- timing
-def prefill_step(case: Case, batch: dict):
+def _synced(fn):
+    """On CUDA a step ends when its kernels have run (wall-clock timing), not when the host has queued them."""
     def step(_=0):
+        out = fn()
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        return out
+    return step
+
+
+def prefill_step(case: Case, batch: dict):
+    def step():
         with torch.no_grad():
             return case.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1,
                               **case.kwargs).logits
-    return step
+    return _synced(step)
 
 
 def generate_step(case: Case, batch: dict, new_tokens: int):
-    def step(_=0):
+    def step():
         return case.model.generate(**batch, **case.kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                    do_sample=False)
-    return step
+    return _synced(step)
 
 
 def time_cases(cases: list[Case], batch: dict, args) -> None:
@@ -210,7 +220,8 @@ def time_cases(cases: list[Case], batch: dict, args) -> None:
         case.row.update(max_logit_diff_vs_base=(logits - ref_logits).abs().max().item(),
                         new_tokens_differ_vs_base=(tokens != ref_tokens).float()[:, -args.new_tokens:].mean().item())
         print(f"  warm-up {case.method:16s} T={case.tasks}", flush=True)
-    times = interleaved_cpu_times([s for pair in steps for s in pair], 0, args.repeats, clock=time.thread_time)
+    clock = time.perf_counter if args.device.startswith("cuda") else time.thread_time  # GPU: wall time, synced
+    times = interleaved_cpu_times([s for pair in steps for s in pair], 0, args.repeats, clock=clock)
     rows, tokens = batch["input_ids"].shape
     for k, case in enumerate(cases):
         prefill_ms, generate_ms = statistics.median(times[2 * k]), statistics.median(times[2 * k + 1])
@@ -224,8 +235,9 @@ def time_cases(cases: list[Case], batch: dict, args) -> None:
 
 
 def run(args) -> dict:
-    load = model_loader(args.model)
-    batch = prompts(args.model, args.batch, args.prompt_tokens)
+    load = model_loader(args.model, args.device)
+    batch = {k: v.to(args.device) if torch.is_tensor(v) else v
+             for k, v in prompts(args.model, args.batch, args.prompt_tokens).items()}
     num_tasks = max(args.tasks)
     print(f"building the cases (every adapter holds {num_tasks} tasks) ...", flush=True)
     base = Case("base", None, load())
@@ -236,7 +248,9 @@ def run(args) -> dict:
     for T in args.tasks:
         names = [f"task{i % T}" for i in range(args.batch)]
         cases += [Case(m, T, model, dict(adapter_names=names)) for m, model in per_task.items()]
-        cases += [Case(m, T, model, conditioning(HADAPEFT[m][2], T, args.batch)) for m, model in ours.items()]
+        for m, model in ours.items():
+            kwargs = {k: v.to(args.device) for k, v in conditioning(HADAPEFT[m][2], T, args.batch).items()}
+            cases.append(Case(m, T, model, kwargs))
     time_cases(cases, batch, args)
     rows = [dict(method=c.method, tasks=c.tasks, **c.row) for c in cases]
     rows += [dict(method=m, tasks=T, skipped=why) for m, why in unsupported.items() for T in args.tasks]
@@ -248,7 +262,7 @@ def run(args) -> dict:
         warnings.filterwarnings("ignore", message="merging .* added a bias")
         for m in MERGED:
             with torch.no_grad():  # the merged model must compute what the adapter computes for task 0
-                before = prefill_step(Case(m, 1, ours[m], {"task_ids": torch.zeros(args.batch, dtype=torch.long)}),
+                before = prefill_step(Case(m, 1, ours[m], {"task_ids": torch.zeros(args.batch, dtype=torch.long, device=args.device)}),
                                       batch)()
             model = ours.pop(m).merge_and_unload(task_id=0)
             case = Case(f"merged_{m}", None, model)
@@ -276,13 +290,14 @@ def acceptance(rows) -> list[tuple[str, float, bool]]:
 def markdown(env, result, args) -> str:
     rows, merged = result["rows"], result["merged_rows"]
     base = rows[0]
-    cmd = "python -m scripts.bench_serving" + (" --ci" if args.ci else "")
+    cmd = "python -m scripts.bench_serving" + (" --ci" if args.ci else "") + \
+        (f" --device {args.device}" if args.device != "cpu" else "")
     lines = [f"# hadapeft serving benchmark — {env['device']}", "",
              f"Date {env['date']}; torch {env['torch']}, peft {env['peft']}, transformers {env['transformers']}; "
              f"load average at start {env.get('load_average_1min')}. Model `{args.model}` (fp32), batch "
              f"{args.batch} prompts of {args.prompt_tokens} tokens, greedy generate of {args.new_tokens} new tokens "
              f"(prefill included); T tasks mixed in the batch (row i has task i mod T); {args.threads} torch "
-             f"thread(s); CPU time of the thread, median of {args.repeats} repeats after a warm-up, the "
+             f"thread(s); {'CPU time of the thread' if args.device == 'cpu' else 'wall time, synchronized'}, median of {args.repeats} repeats after a warm-up, the "
              "cases taking turns repeat by repeat; `× base`: time over the base model's in the same run "
              "(tokens/s in brackets: new tokens for generate, prompt tokens for prefill). "
              f"Adapters hold {max(args.tasks)} tasks, `init_weights=False`; peft LoRA r = {RANK} on q/v, one "
@@ -342,7 +357,8 @@ def plot(result, args, path: Path) -> None:
         ax.set_title(title)
     axes[0].set_ylabel("time × base model")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Serving a mixed-task batch: {args.model}, CPU, {args.threads} thread(s)")
+    where = "CPU" if args.device == "cpu" else args.device
+    fig.suptitle(f"Serving a mixed-task batch: {args.model}, {where}, {args.threads} thread(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -358,6 +374,7 @@ def main(argv=None):
     p.add_argument("--prompt-tokens", type=int, help="prompt length (the last tokens of each chat prompt)")
     p.add_argument("--repeats", type=int, help="timed repeats per case (medians)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu (CPU time of this thread) or cuda (wall time, synchronized)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--tag", default=None, help="file name tag (default: cpu-serving, or ci-serving with --ci)")
     args = p.parse_args(argv)
@@ -374,7 +391,7 @@ def main(argv=None):
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
-    env = environment(torch.device("cpu"))
+    env = environment(torch.device(args.device))
     print(json.dumps(env), flush=True)
     t0 = time.perf_counter()
     result = run(args)

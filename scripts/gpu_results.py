@@ -14,7 +14,7 @@ or fails leaves the others their time; a step that cannot start is reported as s
                    eager and replayed from CUDA graphs, peak memory (4096x4096 and 4096x11008, 8192 tokens)
     e2e-smollm2    python -m scripts.bench_llm: SmolLM2-135M-Instruct training step (tokens/s, peak memory) vs peft
                    LoRA, eager and compiled, both gate_grad options; greedy generate unmerged
-    serving        python -m scripts.bench_serving --ci: many tasks in one batch (skipped while that script is absent)
+    serving        python -m scripts.bench_serving --device cuda: SmolLM2, 1..64 tasks in a batch of 64
 
 The summary (``<date>-<gpu>.md`` / ``.json``) holds each step's status, time and output tail, and the tables the
 benchmark steps wrote next to it (``<date>-<gpu>-layers.*``, ``<date>-<gpu>-smollm2.*``, the serving files).
@@ -66,7 +66,8 @@ STEPS = [
                                                 "20", "--warmup", "3", "--gen-repeats", "10", "--tag", "{gpu}"],
          180, ("scripts.bench_llm", "recipes.models")),
     Step("serving", "many tasks in one batch: per-sample conditioning vs peft's mixed-adapter batches",
-         ["-m", "scripts.bench_serving", "--ci"], 90, ("scripts.bench_serving",), optional="scripts.bench_serving"),
+         ["-m", "scripts.bench_serving", "--device", "cuda", "--repeats", "5", "--tag", "{gpu}-serving"], 120,
+         ("scripts.bench_serving", "recipes.models"), optional="scripts.bench_serving"),
 ]
 
 
