@@ -116,7 +116,10 @@ def build_trainer(model_args: common.ModelArguments, adapter: Optional[dict], da
     if train_rows is None:
         train_rows, eval_data = read_rows(data_args, args.seed)
     block = common.adapter_block(adapter, default_adapter or DEFAULT_ADAPTER)
-    common.check_conditioning(block, recipe, common.row_columns(train_rows, CONDITIONING_COLUMNS, "train"))
+    # what the adapter will be: the config's fields over the data's defaults (task_embed_dim from descriptions)
+    filled = {**block, **{k: v for k, v in (adapter_defaults or {}).items() if block.get(k) is None}}
+    common.check_conditioning(filled, recipe,
+                              common.row_columns(train_rows, CONDITIONING_COLUMNS, "train"))
     peft_config = common.adapter_config(block, "CAUSAL_LM", adapter_defaults)
     tok = common.load_tokenizer(model_args, args)
     if data_args.chat_template:

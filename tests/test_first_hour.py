@@ -227,8 +227,8 @@ CASES = {
     "multitask-both": ("multitask", {"type": "film", "num_tasks": 3, "task_embed_dim": 8}, None,
                        r"adapter.task_embed_dim=8: .*remove task_embed_dim"),
     "multitask-unconditioned": ("multitask", {"type": "gated_lora"}, None,
-                                r"adapter type 'gated_lora' takes no task ids; the multitask recipe needs a "
-                                r"task-conditioned adapter"),
+                                r"adapter type 'gated_lora' takes no task ids; the multitask recipe with "
+                                r"condition_on=task_ids needs a task-conditioned adapter"),
     "multitask-column-missing": ("multitask", None, lambda rows: [r.update(kind=r.pop("task")) for r in rows],
                                  r"train row 0 has no task column 'task' \(task_column\); its columns are "
                                  r"\['completion', 'kind', 'prompt'\]$"),
