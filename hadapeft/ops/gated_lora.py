@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..seam.hooks import functorch_transforms_active
 from . import reduce
 
 
@@ -156,7 +157,7 @@ def gated_lora_torch(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x=None
     """``γ ∘ (x Wᵀ + b) + (1 − γ) ∘ (s · lora_x Aᵀ Bᵀ)``, γ = ``unit_gate(gate)``; one autograd node when grad is
     on (``recompute``: keep no N × d_out tensor for backward), plain tensor ops under ``no_grad`` (inference)."""
     if torch.is_grad_enabled():
-        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        if torch.compiler.is_compiling() or functorch_transforms_active():
             return GatedLoraFunction.apply(x, weight, bias, lora_A, lora_B, gate, scaling, lora_x, recompute)
         # Function.apply's Python wrapper only binds default arguments (none here) and unwraps functorch wrappers
         # (none outside a transform): ~4 µs a layer step spent on nothing; the C++ apply behind it is the same.

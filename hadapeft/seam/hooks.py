@@ -69,6 +69,8 @@ PRIVATE_HOOKS: tuple[Hook, ...] = (
     # --- torch ---
     Hook("torch._C", "_current_graph_task_id", "tell a gradient-checkpointing recompute (inside backward)"),
     Hook("torch", "_assert_async", "range-check task ids on the device, without a host sync"),
+    Hook("torch._C", "_are_functorch_transforms_active", "Gated LoRA's eager fast path skips Function.apply's "
+         "Python wrapper, which only matters inside a functorch transform"),
     # --- trainers (seam/trainer.py): dataset columns and TRL's dataset preparation ---
     Hook("transformers", "Trainer._set_signature_columns_if_needed", "keep the task_ids / task_embeds columns "
          "(it fills the instance attribute _signature_columns)"),
@@ -102,6 +104,14 @@ def in_backward() -> bool:
     import torch
 
     return torch._C._current_graph_task_id() != -1
+
+
+def functorch_transforms_active() -> bool:
+    """Whether a functorch transform (vmap, grad, functionalize) is running: then ``Function.apply``'s Python
+    wrapper is needed (it unwraps the transform's tensors)."""
+    import torch
+
+    return torch._C._are_functorch_transforms_active()
 
 
 def assert_async(condition, message: str) -> None:
