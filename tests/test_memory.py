@@ -40,10 +40,11 @@ def kept_after_forward(config) -> tuple[int, torch.Tensor]:
 
 
 def test_gated_lora_keeps_what_peft_lora_keeps():
-    """gate_grad='recompute' (the default) keeps no N × d_out tensor per layer; 'save' keeps one (h − l), with the
+    """gate_grad='recompute' keeps no N × d_out tensor per layer; 'save' keeps one (h − l), with the
     same gradients."""
     lora, _ = kept_after_forward(LoraConfig(r=4, target_modules=["proj"]))
-    gated, g_recompute = kept_after_forward(hadapeft.GatedLoraConfig(r=4, target_modules=["proj"], init_weights=False))
+    gated, g_recompute = kept_after_forward(hadapeft.GatedLoraConfig(r=4, target_modules=["proj"], init_weights=False,
+                                                                     gate_grad="recompute"))
     saved, g_save = kept_after_forward(hadapeft.GatedLoraConfig(r=4, target_modules=["proj"], init_weights=False,
                                                                 gate_grad="save"))
     per_layer = TOKENS * D * 4  # one fp32 N × d_out activation

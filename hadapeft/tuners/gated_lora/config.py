@@ -30,12 +30,13 @@ class GatedLoraConfig(HadaConfig):
     gate: str = help_field("vector", "'vector': one gate per output feature; 'scalar': one gate per layer.")
     gate_init: float = help_field(1.0, "Initial γ in [0, 1] (1.0: the frozen path only, exact identity at init).")
     gate_grad: str = help_field(
-        "recompute", "How backward gets h − l for the gate's gradient: 'recompute' (W x formed again in backward: one "
-                     "more GEMM per layer; keeps what peft's LoRA keeps: SmolLM2-135M q/v r=16, 8 × 64 tokens, peak "
-                     "1.000× peft LoRA's) or 'save' (kept from the forward: N × d_out more per layer, peak 1.036×; "
-                     "host time per layer 1.13–1.25× peft LoRA's against 1.30–1.45× for 'recompute'). Measured "
-                     "2026-12-07 on 2 shared CPU cores (benchmarks/results/2026-12-07-cpu-*); the SmolLM2 step-time "
-                     "ratios of that machine were inconclusive (0.80–1.36× for 'save', 1.08–1.46× for 'recompute').")
+        "save", "How backward gets h − l for the gate's gradient: 'save' (kept from the forward: N × d_out more "
+                "memory per layer) or 'recompute' (W x formed again in backward: one more GEMM per layer; keeps what "
+                "peft's LoRA keeps). SmolLM2-135M-Instruct, q/v, r=16, 8 × 64 tokens, AdamW, against peft LoRA: "
+                "'save' 1.013× step time (1.002× with gradient checkpointing), peak memory 1.036× (1.000×); "
+                "'recompute' 1.049× (1.032×), peak 1.000×; host time per layer 1.17× peft LoRA's for 'save', 1.34× "
+                "for 'recompute' (2 idle CPU cores, 2026-12-07, benchmarks/results/2026-12-07-cpu-smollm2-idle.md, "
+                "2026-12-07-cpu-host-idle.md). Choose 'recompute' where activation memory is the limit.")
     size_fields = ("r",)
 
     def validate(self):
