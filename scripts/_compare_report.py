@@ -1,9 +1,10 @@
 """Reporting of ``scripts/compare.py``: per-seed JSON, the markdown tables with their protocol, and the plots.
 
 A run writes one results file for its family of tasks -- ``results.json`` / ``results.png`` (encoder and ViT
-classification) or ``results_llm.json`` / ``results_llm.png`` (causal LM) -- and then renders ``results.md`` from every
-results file in the folder, the causal-LM tables first, so that the published page shows both families although each
-comes from its own command."""
+classification), ``results_llm.json`` / ``results_llm.png`` (causal LM) or ``results_manytask.json`` /
+``results_manytask.png`` (the causal-LM many-task problem) -- and then renders ``results.md`` from every results file
+in the folder, the causal-LM tables first, so that the published page shows every family although each comes from
+its own command. ``--merge`` (:func:`merge`) re-measures some rows of a published table in place."""
 
 from __future__ import annotations
 
@@ -54,7 +55,12 @@ def command(argv) -> str:
     return " ".join(["python -m scripts.compare", *(sys.argv[1:] if argv is None else argv)])
 
 
-RESULT_FILES = {"llm": "results_llm", "encoder": "results"}  # family -> file stem, in the order results.md shows them
+# family -> file stem, in the order results.md shows them
+RESULT_FILES = {"llm": "results_llm", "llm-manytask": "results_manytask", "encoder": "results"}
+
+
+def is_llm(family: str) -> bool:
+    return family != "encoder"
 
 
 def metadata(args, argv, preset, problems, probes, wall_s, not_run=None, family: str = "encoder") -> dict:
@@ -62,7 +68,7 @@ def metadata(args, argv, preset, problems, probes, wall_s, not_run=None, family:
 
     device = torch.device(args.device)
     extra = {}
-    if family == "llm":
+    if is_llm(family):
         extra = {"llm_max_words": preset.llm_max_words, "llm_train_articles": preset.llm_train_articles,
                  "llm_test_articles": preset.llm_test_articles}
     return {"command": command(argv), "family": family, **extra,
@@ -75,6 +81,7 @@ def metadata(args, argv, preset, problems, probes, wall_s, not_run=None, family:
                                "steps": preset.budgets[p.name].steps,
                                "batch_size": preset.budgets[p.name].batch_size,
                                "linear_probe": probes[p.name], "learning_rates": preset.task_rates(p.name),
+                               "learning_rates_from": preset.borrow_lrs.get(p.name),
                                "not_run": (not_run or {}).get(p.name, [])} for p in problems}}
 
 
@@ -94,6 +101,9 @@ def summarize(rows, method_order, library) -> list[dict]:
                    "accuracy_mean": statistics.fmean(accs), "accuracy_std": _std(accs),
                    "task_accuracy_mean": {k: statistics.fmean(r["task_accuracy"][k] for r in runs)
                                           for k in runs[0]["task_accuracy"]},
+                   "task_accuracy_std": {k: _std([r["task_accuracy"][k] for r in runs])
+                                         for k in runs[0]["task_accuracy"]},
+                   "learning_rate": runs[0].get("learning_rate"),
                    "trainable_params": runs[0]["trainable_params"], "adapter_params": runs[0]["adapter_params"],
                    "s_per_step": statistics.median(times) if times else None,
                    "peak_mib": peaks[0] if peaks else None}
@@ -131,6 +141,68 @@ def verdicts(summary) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------- writers
+def manytask_verdicts(summary, baseline: str = "lora-r16-prompt") -> list[str]:
+    """llm-manytask: each hadapeft row against the description-in-prompt LoRA, column by column (seen, reworded,
+    unseen), with what each pays to read the task (prompt tokens), its parameters and its step time."""
+    rows = {s["method"]: s for s in summary if s["task"] == "llm-manytask"}
+    base = rows.get(baseline)
+    if base is None:
+        return []
+    lines = []
+    for s in rows.values():
+        if s["library"] != "hadapeft":
+            continue
+        cols = []
+        for k, b in base["task_accuracy_mean"].items():
+            x = s["task_accuracy_mean"].get(k, float("nan"))
+            if x != x:
+                cols.append(f"{k} — (it cannot be told these tasks)")
+                continue
+            gap, spread = x - b, max(s["task_accuracy_std"][k], base["task_accuracy_std"][k])
+            word = "within the seed spread" if abs(gap) <= spread else "above" if gap > 0 else "below"
+            cols.append(f"{k} {x:.3f} vs {b:.3f} ({gap:+.3f}, {word})")
+        cost = (f"prompt tokens {s['prompt_tokens']:.1f} vs {base['prompt_tokens']:.1f}"
+                if s.get("prompt_tokens") is not None and base.get("prompt_tokens") is not None else "")
+        step = (f"s/step {s['s_per_step']:.2f} vs {base['s_per_step']:.2f}"
+                if s["s_per_step"] is not None and base["s_per_step"] is not None else "")
+        lines.append(f"- `{s['method']}` against `{baseline}`: " + "; ".join(cols) + "; "
+                     + ", ".join(x for x in (cost, f"{s['trainable_params']:,} vs {base['trainable_params']:,} "
+                                             f"parameters", step) if x) + ".")
+    return lines
+
+
+def merge(out: Path, rows, meta, method_order, library):
+    """``--merge``: this run's rows replace the rows of the same (task, method) in the results file already in
+    ``out``; the others stay as they were. Returns (rows, meta, method order, library) of the merged table: the
+    file's own metadata, with this run listed under ``updates`` and its learning rates recorded. Refuses a file of
+    another preset or other seeds (the table would mix protocols)."""
+    stem = RESULT_FILES[meta.get("family", "encoder")]
+    path = out / f"{stem}.json"
+    if not path.is_file():
+        raise SystemExit(f"error: --merge: {path} does not exist; run the whole preset into {out} first")
+    old = json.loads(path.read_text())
+    old_meta = old["meta"]
+    for key in ("preset", "seeds"):
+        if old_meta.get(key) != meta[key]:
+            raise SystemExit(f"error: --merge: {path} holds a table of {key} {old_meta.get(key)!r}; this run's "
+                             f"{key} is {meta[key]!r} (a table mixes no protocols)")
+    replaced = {(r["task"], r["method"]) for r in rows}
+    missing = sorted({t for t, _ in replaced} - set(old_meta["tasks"]))
+    if missing:
+        raise SystemExit(f"error: --merge: {path} has no task {missing}; its tasks are {sorted(old_meta['tasks'])}")
+    merged = [r for r in old["runs"] if (r["task"], r["method"]) not in replaced] + list(rows)
+    old_meta.setdefault("updates", []).append(
+        {k: meta[k] for k in ("command", "date", "hardware", "device", "versions", "wall_s")}
+        | {"rows": [f"{t} {m}" for t, m in sorted(replaced)]})
+    tuned = old_meta.setdefault("method_learning_rates", {})
+    for (task, method) in replaced:
+        rate = meta.get("method_learning_rates", {}).get(task, {}).get(method)
+        if rate is not None:
+            tuned.setdefault(task, {})[method] = rate
+    order = list(dict.fromkeys([s["method"] for s in old["summary"]] + list(method_order)))
+    return merged, old_meta, order, {**{s["method"]: s["library"] for s in old["summary"]}, **library}
+
+
 def write_all(out: Path, rows, meta, method_order, library) -> dict:
     """Write this run's results file and plot (its family's names), then render ``results.md`` from every results
     file in ``out``."""
@@ -150,7 +222,7 @@ def render(out: Path) -> str:
         path = out / f"{stem}.json"
         if path.is_file():
             data = json.loads(path.read_text())
-            section = llm_markdown if family == "llm" else markdown
+            section = llm_markdown if is_llm(family) else markdown
             sections.append(section(data["summary"], data["meta"], f"{stem}.png"))
     text = "\n".join(["# hadapeft adapters against peft's methods on real data", "",
                       "Each section below is written by the `scripts/compare.py` command it names (files written by "
@@ -278,9 +350,13 @@ def llm_table(summary, task) -> list[str]:
 def llm_markdown(summary, meta, image: str = "results_llm.png") -> str:
     """The causal-LM section."""
     v, tuned = meta["versions"], meta.get("method_learning_rates") or {}
+    many = meta.get("family") == "llm-manytask"
     lines = [
-        "## Causal LM: SmolLM2-135M-Instruct", "",
-        f"Generated by `{meta['command']}`.", "",
+        "## Causal LM, many tasks in words: SmolLM2-135M-Instruct" if many else "## Causal LM: SmolLM2-135M-Instruct",
+        "", f"Generated by `{meta['command']}`.", "",
+        *[f"Rows re-measured later ({', '.join(f'`{r}`' for r in u['rows'])}) by `{u['command']}` on "
+          f"{u['date']}, {u['wall_s'] / 60:.1f} min; {u['hardware']}." for u in meta.get("updates", [])],
+        *([""] if meta.get("updates") else []),
         f"- Date: {meta['date']}; total wall time {meta['wall_s'] / 60:.1f} min (model loading, every run, "
         f"reporting).",
         f"- Hardware: {meta['hardware']} (device `{meta['device']}`).",
@@ -297,8 +373,8 @@ def llm_markdown(summary, meta, image: str = "results_llm.png") -> str:
         "method's learning rate is picked per task from one grid on a validation split (`--tune`: as many training "
         "articles as the held-out set has, first seed, same budget; best validation exact match, ties to the lower validation "
         "loss), listed under each table. Layers per family, from hadapeft's defaults for Llama: LoRA, DoRA, LoHa, "
-        "HiRA, Gated LoRA, HyperMod and FiLM on the attention query/value projections; IA3 and HadaIA3 on key/value "
-        "and the MLP down projection. LoRA, DoRA and Gated LoRA alpha = 2r; LoHa r=8 (two rank-8 pairs: LoRA r=16's "
+        "HiRA, Gated LoRA and FiLM on the attention query/value projections; IA3, HadaIA3 and HyperMod on key/value "
+        "and the MLP down projection (HyperMod's default since the ablation of `scripts/_compare_ablation.py`). LoRA, DoRA and Gated LoRA alpha = 2r; LoHa r=8 (two rank-8 pairs: LoRA r=16's "
         "parameter count), HiRA r=16.", "",
         "Columns: greedy exact match on the held-out articles, computed by teacher forcing (one forward pass over "
         "prompt + reference answer: a row counts when the model's argmax is the reference token at every answer "
@@ -321,6 +397,14 @@ def llm_markdown(summary, meta, image: str = "results_llm.png") -> str:
         picks = ", ".join(f"`{m}` {val:g}" for m, val in tuned.get(task, {}).items() if m in ran)
         if picks:
             lines += [f"Learning rates picked on the validation split: {picks}.", ""]
+        if info.get("learning_rates_from"):
+            used = ", ".join(f"`{s['method']}` {s['learning_rate']:g}" for s in summary
+                             if s["task"] == task and s.get("learning_rate") is not None)
+            lines += [f"Learning rates: not tuned on this problem; each method runs at its rate picked on "
+                      f"`{info['learning_rates_from']}`'s validation split (a `*-desc` method at its ids twin's): "
+                      f"{used}.", ""]
+    if many:
+        lines += ["### hadapeft against the description in the prompt", ""] + manytask_verdicts(summary) + [""]
     lines += ["### Best hadapeft against best peft, per task", ""] + verdicts(summary) + [""]
     return "\n".join(lines)
 
@@ -346,12 +430,14 @@ def plot(path: Path, summary, meta):
         frozen = next((s for s in rows if s["method"] == "frozen"), None)
         if frozen:
             ax.axhline(frozen["accuracy_mean"], color="black", ls="--", lw=0.8,
-                       label="frozen base" + ("" if meta.get("family") == "llm" else " (head only)"))
+                       label="frozen base" + ("" if is_llm(meta.get("family", "encoder")) else " (head only)"))
         if meta["tasks"][task].get("linear_probe") is not None:
             ax.axhline(meta["tasks"][task]["linear_probe"], color="gray", ls=":", lw=0.8, label="linear probe")
         ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters" + ("" if meta.get("family") == "llm" else " (adapter + heads)"))
-        ax.set_ylabel("held-out exact match" if meta.get("family") == "llm" else "held-out accuracy")
+        llm_family = is_llm(meta.get("family", "encoder"))
+        ax.set_xlabel("trainable parameters" + ("" if llm_family else " (adapter + heads)"))
+        ax.set_ylabel(("held-out exact match" + (" (seen tasks)" if meta.get("family") == "llm-manytask" else ""))
+                      if llm_family else "held-out accuracy")
         ax.set_title(f"{task} ({len(meta['seeds'])} seeds, mean ± std)")
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=lib or "frozen base")

@@ -2,7 +2,7 @@
 
     python -m scripts.compare --preset llm-cpu              # the causal-LM tables: docs/results_llm.{json,png}
     python -m scripts.compare --preset llm-ci --out /tmp/cmp # tiny version run by tests/test_compare_llm.py
-    python -m scripts.compare --preset llm-manytask-cpu --out runs/manytask  # many tasks in words (not yet measured)
+    python -m scripts.compare --preset llm-manytask-cpu     # many tasks in words: docs/results_manytask.{json,png}
     python -m scripts.compare --preset llm-cpu --tune 1e-3,3e-3,1e-2,3e-2,1e-1,3e-1  # docs/tuned_lrs_llm.json
     python -m scripts.compare --preset cpu-small            # the encoder / ViT tables: docs/results.{json,png}
     python -m scripts.compare --preset ci --out /tmp/cmp     # tiny version run by tests/test_compare.py
@@ -151,6 +151,8 @@ class Preset:
     # try every rate for every method, and their best rates span two decades: HyperMod diverges where HiRA barely
     # moves)
     tune_window: Optional[int] = None
+    # task -> the task whose tuned rates it takes where it has none of its own (a problem too costly to tune apart)
+    borrow_lrs: dict = field(default_factory=dict)
 
     def task_rates(self, task: str) -> dict:
         """The rate per parameter kind on ``task``: the preset's, with the task's own where it has them."""
@@ -159,9 +161,19 @@ class Preset:
     def learning_rates_for(self, task: str, method: "Method", lr: Optional[float] = None) -> dict:
         """The task's rates, with the method's adapter rate replaced by ``lr`` (a rate ``--tune`` tries) or else
         by its tuned one for ``task`` if any."""
-        lr = self.method_lrs.get(task, {}).get(method.name) if lr is None else lr
+        lr = self.tuned_lr(task, method) if lr is None else lr
         rates = self.task_rates(task)
         return rates if lr is None else {**rates, method.kind: lr}
+
+    def tuned_lr(self, task: str, method: "Method") -> Optional[float]:
+        """``method``'s tuned rate on ``task``; else on the task it borrows from (``borrow_lrs``); each time its
+        own rate first, then that of the method it takes its rate from (``Method.lr_of``)."""
+        for t in (task, self.borrow_lrs.get(task)):
+            for name in (method.name, method.lr_of):
+                rate = self.method_lrs.get(t, {}).get(name)
+                if rate is not None:
+                    return rate
+        return None
 
     def skips(self, method: "Method", task: str) -> bool:
         """The preset leaves ``method`` out of ``task`` (its ``methods`` list for the task does not name it)."""
@@ -183,6 +195,7 @@ class Method:
     multitask_only: bool = False  # identical to another method when there is one task
     task_in_prompt: bool = False  # one adapter for all tasks, told the task by an instruction in the prompt (LLM)
     on_descriptions: bool = False  # conditioned on the sentence embedding of each row's task_description (LLM)
+    lr_of: Optional[str] = None  # the method whose tuned learning rate this one takes where it has none of its own
 
 
 def _targets(table: str, model_type: str):
@@ -257,9 +270,11 @@ def _loha(r):
 
 
 def _hypermod(model_type, num_tasks):
+    """HyperMod on hadapeft's default layers for it (``HYPERMOD``: key / value / MLP down projection on Llama-like
+    models, the attention query / value elsewhere)."""
     import hadapeft
 
-    return hadapeft.HyperModConfig(target_modules=_targets("ATTENTION", model_type), num_tasks=num_tasks, r=1)
+    return hadapeft.HyperModConfig(target_modules=_targets("HYPERMOD", model_type), num_tasks=num_tasks, r=1)
 
 
 def _described(make):
@@ -298,9 +313,9 @@ METHODS = {m.name: m for m in [
     Method("hira-r16-prompt", "peft", "matrix", _hira(16), multitask_only=True, task_in_prompt=True),
     # llm-manytask: FiLM and HyperMod conditioned on the all-MiniLM-L6-v2 embedding of each task's description
     Method("film-desc", "hadapeft", "vector", _described(_film("ATTENTION")), conditioned=True, multitask_only=True,
-           on_descriptions=True),
+           on_descriptions=True, lr_of="film"),
     Method("hypermod-desc", "hadapeft", "matrix", _described(_hypermod), conditioned=True, multitask_only=True,
-           on_descriptions=True),
+           on_descriptions=True, lr_of="hypermod"),
 ]}
 
 # On text, where a run costs ~10 ViT runs, cpu-small runs one option set per adapter family next to peft's LoRA
@@ -360,12 +375,13 @@ PRESETS = {
                               "llm-multitask": ("frozen", "lora-r16", "lora-r16-prompt", "film")},
                      learning_rates={**LEARNING_RATES, "matrix": 1e-2, "vector": 3e-2},
                      about="the CI version of llm-cpu: 4 steps, 8 held-out articles, one seed"),
-    # Many tasks in words (issue #28): not yet measured (estimated ~60 min on 2 idle cores: 25 runs of 44 steps and
-    # ~1,000 scored rows); llm-cpu's fixed rates per kind until tuned (--tune); write it apart (--out runs/manytask:
-    # results_llm.json is the llm-cpu table's file name)
-    "llm-manytask-cpu": Preset(seeds=(0, 1, 2), budgets={"llm-manytask": Budget(44, 8)}, tasks=("llm-manytask",),
+    # Many tasks in words (issue #28): 25 runs (the frozen base once) on 2 cores, written to results_manytask.json.
+    # Not tuned apart (9 methods x 3 rates would double its cost): each method takes its rate tuned on llm-multitask,
+    # the same model, prompts and batch (borrow_lrs; a *-desc method its ids twin's: Method.lr_of).
+    "llm-manytask-cpu": Preset(seeds=(0, 1, 2), budgets={"llm-manytask": Budget(36, 8)}, tasks=("llm-manytask",),
                                methods={"llm-manytask": _LLM_MANY_METHODS}, llm_train_articles=400,
                                llm_test_articles=16, learning_rates={**LEARNING_RATES, "matrix": 1e-2, "vector": 3e-2},
+                               method_lrs_files=(TUNED_LRS_LLM,), borrow_lrs={"llm-manytask": "llm-multitask"},
                                about="many tasks in words on SmolLM2-135M-Instruct: 11 trained tasks, reworded "
                                      "descriptions, 5 unseen tasks"),
     "llm-manytask-ci": Preset(seeds=(0,), budgets={"llm-manytask": Budget(2, 4)}, tasks=("llm-manytask",),
@@ -534,7 +550,8 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small", help="steps, batch sizes and seeds")
     p.add_argument("--out", default="docs",
                    help="folder for results.json and results.png (causal-LM tasks: results_llm.json and "
-                        "results_llm.png) and results.md, rendered from every results file in the folder")
+                        "results_llm.png; llm-manytask: results_manytask.json and .png) and results.md, rendered from "
+                        "every results file in the folder")
     p.add_argument("--tasks", default=None,
                    help=f"comma-separated, from {', '.join(ENCODER_TASKS)} or from {', '.join(llm.ALL_TASKS)} "
                         f"(default: the preset's)")
@@ -577,6 +594,10 @@ def parse_args(argv=None):
                    help="causal LM of the llm-* tasks: the offline alias smollm2-135m-instruct, a local folder or a Hub "
                         "id (recipes/models.py)")
     p.add_argument("--cache-dir", default="~/.cache/hadapeft/compare", help="where the pretrained small ViT is kept")
+    p.add_argument("--merge", action="store_true",
+                   help="re-measure rows in place: this run's (task, method) rows replace those of the results file "
+                        "already in --out (same preset and seeds), the rest stay; with --tune, its picks replace "
+                        "those of the tuned_lrs file there")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -598,6 +619,9 @@ def resolve(args):
         raise SystemExit(f"error: --tasks {','.join(task_names)}: the causal-LM tasks "
                          f"({', '.join(llm.ALL_TASKS)}) and the encoder tasks ({', '.join(ENCODER_TASKS)}) are compared in separate runs (each writes its "
                          f"own results file)")
+    if "llm-manytask" in task_names and len(task_names) > 1:
+        raise SystemExit(f"error: --tasks {','.join(task_names)}: llm-manytask is compared in a run of its own (it "
+                         f"writes results_manytask.json)")
     method_names = _pick(args.methods or ",".join(METHODS), list(METHODS), "method")
     if "frozen" not in method_names:
         method_names.insert(0, "frozen")  # the floor every row is read against
@@ -766,22 +790,33 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     problems = load_problems(task_names, args, preset, print)
     device = torch.device(args.device)
-    family = "llm" if isinstance(problems[0], llm.LMProblem) else "encoder"
+    family = ("encoder" if not isinstance(problems[0], llm.LMProblem) else
+              "llm-manytask" if task_names == ["llm-manytask"] else "llm")
+    llm_family = report.is_llm(family)
     if args.tune_grid:
-        choice = tune(problems, methods, preset, args.tune_grid, args, device, print)
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        path = out / ("tuned_lrs_llm.json" if llm_family else "tuned_lrs.json")
+        if args.merge and not path.is_file():
+            raise SystemExit(f"error: --merge: {path} does not exist; tune the whole preset into {out} first")
+        choice = tune(problems, methods, preset, args.tune_grid, args, device, print)
         result = {"command": report.command(argv), "grid": args.tune_grid, "seed": preset.seeds[0],
-                  "validation": ("as many training articles as the held-out set has" if family == "llm" else
+                  "validation": ("as many training articles as the held-out set has" if llm_family else
                                  "20% of the training sources"), "choice": choice}
-        (out / ("tuned_lrs_llm.json" if family == "llm" else "tuned_lrs.json")).write_text(
-            json.dumps(result, indent=1) + "\n")
+        if args.merge:  # these (task, method) picks replace the file's; the rest stay
+            old = json.loads(path.read_text())
+            for task, picks in choice.items():
+                old["choice"].setdefault(task, {}).update(picks)
+            old.setdefault("updates", []).append({"command": result["command"], "grid": args.tune_grid,
+                                                  "picks": {t: sorted(c) for t, c in choice.items()}})
+            result = old
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
         return result
     # the frozen LLM is scored once: it does not train, so every seed would give the same numbers
     jobs = [(p, m, s) for p in problems for m in methods if preset.runs_on(m, p.name, p.num_tasks)
-            for s in (preset.seeds[:1] if family == "llm" and m.config is None else preset.seeds)]
+            for s in (preset.seeds[:1] if llm_family and m.config is None else preset.seeds)]
     rows = []
-    probes = {p.name: None if family == "llm" else linear_probe(p, device) for p in problems}
+    probes = {p.name: None if llm_family else linear_probe(p, device) for p in problems}
     bar = tqdm(jobs, desc="compare", unit="run", dynamic_ncols=True, disable=args.no_progress)
     for problem, method, seed in bar:
         bar.set_postfix_str(f"{problem.name} {method.name} seed {seed}")
@@ -801,8 +836,10 @@ def main(argv=None) -> dict:
     not_run = {p.name: [m.name for m in methods if args.methods and preset.skips(m, p.name)] for p in problems}
     meta = report.metadata(args, argv, preset, problems, {k: v and v.accuracy for k, v in probes.items()},
                            time.perf_counter() - t_start, not_run, family)
-    return report.write_all(Path(args.out), rows, meta, [m.name for m in methods],
-                            {m.name: m.library for m in methods})
+    order, library = [m.name for m in methods], {m.name: m.library for m in methods}
+    if args.merge:
+        rows, meta, order, library = report.merge(Path(args.out), rows, meta, order, library)
+    return report.write_all(Path(args.out), rows, meta, order, library)
 
 
 if __name__ == "__main__":

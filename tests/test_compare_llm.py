@@ -162,3 +162,84 @@ def test_task_families_run_apart(tmp_path):
     with pytest.raises(SystemExit, match="compared in separate runs"):
         compare.main(["--preset", "llm-ci", "--tasks", "text,llm-topic", "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+# --- re-measuring rows in place (--merge) and borrowed learning rates: no training, synthetic rows ---------------
+def _llm_meta(argv, seeds=(0, 1), family="llm"):
+    from types import SimpleNamespace
+
+    from scripts import _compare_report as report
+
+    args = compare.parse_args(argv)
+    _, _, preset = compare.resolve(args)
+    preset = compare.replace(preset, seeds=tuple(seeds))
+    problem = SimpleNamespace(name="llm-topic", about="a task.", model_name="m", task_names=["section"], train=[1],
+                              test=[1])
+    return report.metadata(args, argv, preset, [problem], {"llm-topic": None}, 60.0, {}, family)
+
+
+def _runs(method, accuracy, seeds=(0, 1)):
+    return [{"task": "llm-topic", "method": method, "seed": s, "accuracy": accuracy + s / 100,
+             "task_accuracy": {"section": accuracy + s / 100}, "eval_loss": 1.0, "task_loss": {"section": 1.0},
+             "adapter_params": 10 * (method != "frozen"), "trainable_params": 10 * (method != "frozen"), "steps": 4,
+             "s_per_step": 0.5, "step_times": [0.5], "prompt_tokens": None, "peak_mib": 1.0, "learning_rate": 1e-2}
+            for s in seeds]
+
+
+def test_merge_replaces_the_rows_it_measured_and_keeps_the_rest(tmp_path):
+    """``--merge``: this run's (task, method) rows replace the file's, the others stay, the page says which rows
+    were re-measured by which command; a table of other seeds, or no table at all, is refused and left as it was."""
+    from scripts import _compare_report as report
+
+    argv = ["--preset", "llm-cpu", "--tasks", "llm-topic"]
+    lib = {"frozen": "", "lora-r4": "peft", "hypermod": "hadapeft"}
+    report.write_all(tmp_path, _runs("frozen", 0.0) + _runs("lora-r4", 0.7) + _runs("hypermod", 0.5),
+                     _llm_meta(argv), ["frozen", "lora-r4", "hypermod"], lib)
+    again = argv + ["--methods", "hypermod", "--merge"]
+    meta = _llm_meta(again)
+    meta["method_learning_rates"] = {"llm-topic": {"hypermod": 3e-3}}
+    merged = report.write_all(tmp_path, *report.merge(tmp_path, _runs("hypermod", 0.8), meta, ["hypermod"],
+                                                      {"hypermod": "hadapeft"}))
+    rows = {s["method"]: round(s["accuracy_mean"], 3) for s in merged["summary"]}
+    assert rows == {"frozen": 0.005, "lora-r4": 0.705, "hypermod": 0.805}
+    assert [u["rows"] for u in merged["meta"]["updates"]] == [["llm-topic hypermod"]]
+    assert merged["meta"]["method_learning_rates"]["llm-topic"]["hypermod"] == 3e-3
+    assert len(merged["runs"]) == 6 and merged["meta"]["command"] == report.command(argv)
+    page = (tmp_path / "results.md").read_text()
+    assert f"Rows re-measured later (`llm-topic hypermod`) by `{report.command(again)}`" in page
+    before = (tmp_path / "results_llm.json").read_text()
+    with pytest.raises(SystemExit, match=r"holds a table of seeds \[0, 1\]; this run's seeds is \[0\]"):
+        report.merge(tmp_path, _runs("hypermod", 0.9, seeds=(0,)), _llm_meta(again, seeds=(0,)), ["hypermod"], lib)
+    with pytest.raises(SystemExit, match="results_manytask.json does not exist"):
+        report.merge(tmp_path, _runs("hypermod", 0.9), _llm_meta(again, family="llm-manytask"), ["hypermod"], lib)
+    assert (tmp_path / "results_llm.json").read_text() == before
+
+
+def test_tune_merge_keeps_the_other_picks(tmp_path, monkeypatch):
+    """``--tune ... --merge`` replaces the picks it made and keeps the file's others (no training: the search is
+    stubbed; what is checked is the file)."""
+    (tmp_path / "tuned_lrs_llm.json").write_text(json.dumps(
+        {"command": "first", "choice": {"llm-topic": {"lora-r4": {"lr": 0.01}, "hypermod": {"lr": 0.003}},
+                                        "llm-multitask": {"film": {"lr": 0.01}}}}))
+    problem = llm.LMProblem("llm-topic", "", "", ["section"], [], [])
+    monkeypatch.setattr(compare, "load_problems", lambda *a: [problem])
+    monkeypatch.setattr(compare, "tune", lambda *a: {"llm-topic": {"hypermod": {"lr": 0.03, "kind": "matrix"}}})
+    compare.main(["--preset", "llm-cpu", "--tasks", "llm-topic", "--methods", "hypermod", "--tune", "1e-2,3e-2",
+                  "--merge", "--out", str(tmp_path), "--no-progress"])
+    data = json.loads((tmp_path / "tuned_lrs_llm.json").read_text())
+    assert compare.read_method_lrs(tmp_path / "tuned_lrs_llm.json") == {
+        "llm-topic": {"lora-r4": 0.01, "hypermod": 0.03}, "llm-multitask": {"film": 0.01}}
+    assert data["command"] == "first" and data["updates"][0]["picks"] == {"llm-topic": ["hypermod"]}
+
+
+def test_the_manytask_preset_borrows_the_two_task_problems_rates():
+    """llm-manytask is not tuned apart: each method runs at its rate tuned on llm-multitask, a ``*-desc`` method at
+    its ids twin's; and it runs alone (its own results file)."""
+    _, methods, preset = compare.resolve(compare.parse_args(["--preset", "llm-manytask-cpu"]))
+    tuned = compare.read_method_lrs(compare.TUNED_LRS_LLM)["llm-multitask"]
+    rate = {m.name: preset.learning_rates_for("llm-manytask", m)[m.kind] for m in methods if m.config is not None}
+    assert rate["film-desc"] == rate["film"] == tuned["film"]
+    assert rate["hypermod-desc"] == rate["hypermod"] == tuned["hypermod"]
+    assert rate["lora-r16-prompt"] == tuned["lora-r16-prompt"] and rate["hada-ia3-tasks"] == tuned["hada-ia3-tasks"]
+    with pytest.raises(SystemExit, match="llm-manytask is compared in a run of its own"):
+        compare.resolve(compare.parse_args(["--preset", "llm-manytask-cpu", "--tasks", "llm-manytask,llm-topic"]))

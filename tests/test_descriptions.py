@@ -385,3 +385,11 @@ def test_manytask_comparison_ci_preset_runs(tmp_path):
     assert rows["lora-r16-prompt"]["prompt_tokens"] != rows["film-desc"]["prompt_tokens"]
     page = (tmp_path / "results.md").read_text()
     assert "| seen | reworded | unseen |" in page and "prompt tokens" in page
+    # its own results file and section, and each hadapeft row read against the description in the prompt
+    assert json.loads((tmp_path / "results_manytask.json").read_text())["meta"]["family"] == "llm-manytask"
+    assert not (tmp_path / "results_llm.json").exists()
+    assert "## Causal LM, many tasks in words" in page
+    verdicts = page.split("### hadapeft against the description in the prompt")[1].split("###")[0]
+    assert "- `film-desc` against `lora-r16-prompt`: seen " in verdicts and "unseen " in verdicts
+    assert "- `film` against `lora-r16-prompt`: seen" in verdicts and "reworded — (it cannot be told these tasks)" \
+        in verdicts

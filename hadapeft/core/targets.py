@@ -1,8 +1,13 @@
 """Default ``target_modules`` per model family (transformers ``model_type``), per adapter kind.
 
 Three kinds of defaults:
-* ``ATTENTION`` — the attention query and value projections: LoRA's usual choice, and the default of gated LoRA,
-  HyperMod and FiLM;
+* ``ATTENTION`` — the attention query and value projections: LoRA's usual choice, and the default of gated LoRA
+  and FiLM;
+* ``HYPERMOD`` — HyperMod's: key, value and the MLP's down projection on Llama-like causal LMs (the layers of
+  ``IA3``), the attention query and value elsewhere. On SmolLM2-135M-Instruct's two-task problem (``python -m
+  scripts._compare_ablation``, the validation split, three seeds) HyperMod on key / value / down at learning rate
+  3e-3 beat the query / value placement at its best rate (1e-2) on every seed; on the ViT and the text encoder,
+  where HyperMod on query / value is already hadapeft's best, nothing was measured that would move it;
 * ``IA3`` — key, value and the MLP's down projection, with ``IA3_FEEDFORWARD`` (the down projection) scaled on its
   input, as in the (IA)³ paper;
 * ``BLOCK_OUTPUT`` — the output projections of the attention and MLP sub-blocks. Not FiLM's default: on the compare
@@ -80,3 +85,6 @@ BLOCK_OUTPUT = {
 
 # Fused query/key/value projections whose output is [q; k; v] in equal thirds; HadaIA3 can scale only k and v there.
 FUSED_QKV = {"gpt2": ["c_attn"]}  # timm ViTs: pass fused_qkv_modules=["qkv"]
+
+# HyperMod's defaults (see the module docstring): the Llama-like layers of IA3, query / value for everything else.
+HYPERMOD = {**ATTENTION, **{m: IA3[m] for m in _LLAMA_LIKE if m != "phi3"}}

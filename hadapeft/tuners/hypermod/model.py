@@ -6,7 +6,7 @@ import re
 import torch
 
 from ...core.model import HadaModel
-from ...core.targets import ATTENTION
+from ...core.targets import HYPERMOD
 from ...errors import ConditioningError, TargetModuleError
 from .layer import HyperModLinear, HyperNet, modulations
 
@@ -22,7 +22,7 @@ def layer_index(key: str):
 class HyperModModel(HadaModel):
     prefix = "hypermod_"
     tuner_layer_cls = HyperModLinear
-    target_module_mapping = ATTENTION
+    target_module_mapping = HYPERMOD
     # One hypernetwork per adapter, on this tuner (``hypermod_hypernet[adapter]``), shared by the layers; peft then
     # refuses transformers' native adapter loading (which keeps only the model), while PeftModel works.
     shared_name = "hypermod_hypernet"
