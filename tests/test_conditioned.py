@@ -381,7 +381,7 @@ def test_hypermod_parameter_count_does_not_grow_with_layers_times_tasks(capsys):
                              num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
         with torch.device("meta"):
             base = tf.LlamaForCausalLM(cfg)
-        model = get_peft_model(base, hadapeft.HyperModConfig(num_tasks=num_tasks))  # default targets: q_proj, v_proj
+        model = get_peft_model(base, hadapeft.HyperModConfig(num_tasks=num_tasks, target_modules=["q_proj", "v_proj"]))
         return model.get_nb_trainable_parameters()[0]
 
     e, H, d = 32, 64, 4096

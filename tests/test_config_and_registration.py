@@ -135,14 +135,25 @@ _QV = {"llama": {"q_proj", "v_proj"}, "qwen2": {"q_proj", "v_proj"}, "mistral": 
        "gpt2": {"c_attn"}, "bert": {"query", "value"}, "vit": {"query", "value", "q_proj", "v_proj"}}
 
 
+# HyperMod's defaults on Llama-like causal LMs: key / value / MLP down (targets.HYPERMOD, from the ablation in
+# scripts/_compare_ablation.py); query / value elsewhere
+_KVD = {"llama", "qwen2", "mistral"}
+
+
 @pytest.mark.parametrize("family", sorted(_QV))
 @pytest.mark.parametrize("make", [lambda: hadapeft.GatedLoraConfig(r=2), lambda: hadapeft.FiLMConfig(num_tasks=2),
                                   lambda: hadapeft.HyperModConfig(num_tasks=2)], ids=["gated", "film", "hypermod"])
 def test_default_targets_are_the_attention_query_and_value(family, make):
-    """Without target_modules, gated LoRA, FiLM and HyperMod adapt the attention query/value projections of every
-    layer (FiLM's default moved there from the sub-block outputs; see hadapeft/core/targets.py)."""
-    model = get_peft_model(build_model(family), make())
+    """Without target_modules, gated LoRA and FiLM adapt the attention query/value projections of every layer (FiLM's
+    default moved there from the sub-block outputs; see hadapeft/core/targets.py), and so does HyperMod except on
+    Llama-like causal LMs, where it adapts key / value / MLP down of every layer."""
+    config = make()
+    model = get_peft_model(build_model(family), config)
     adapted = [name for name, m in model.named_modules() if isinstance(m, HadaLayer)]
-    assert adapted and {name.rsplit(".", 1)[-1] for name in adapted} <= _QV[family], adapted
-    assert len(adapted) == 2 * len({name.rsplit(".", 1)[-1] for name in adapted})  # every one of the 2 layers
+    kinds = {name.rsplit(".", 1)[-1] for name in adapted}
+    if isinstance(config, hadapeft.HyperModConfig) and family in _KVD:
+        assert kinds == {"k_proj", "v_proj", "down_proj"} and len(adapted) == 2 * 3, adapted
+        return
+    assert adapted and kinds <= _QV[family], adapted
+    assert len(adapted) == 2 * len(kinds)  # every one of the 2 layers
     assert not any("output" in name or "o_proj" in name or "down_proj" in name for name in adapted), adapted
