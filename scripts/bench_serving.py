@@ -301,8 +301,9 @@ def markdown(env, result, args) -> str:
              "cases taking turns repeat by repeat; `× base`: time over the base model's in the same run "
              "(tokens/s in brackets: new tokens for generate, prompt tokens for prefill). "
              f"Adapters hold {max(args.tasks)} tasks, `init_weights=False`; peft LoRA r = {RANK} on q/v, one "
-             "adapter per task through `adapter_names`; hadapeft adapters on their defaults (FiLM, HyperMod: q/v; "
-             f"HadaIA3: k, v, down); `*_embeds`: a random {EMBED_DIM}-wide vector per task.", "",
+             "adapter per task through `adapter_names`; hadapeft adapters on their defaults for Llama (FiLM: q/v; "
+             "HyperMod: k, v, down since 2026-12-07, q/v before; HadaIA3: k, v, down); `*_embeds`: a random "
+             f"{EMBED_DIM}-wide vector per task.", "",
              f"Command: `{cmd}`. Base model: prefill {base['prefill_ms']:.0f} ms, generate "
              f"{base['generate_ms']:.0f} ms.", ""]
     tasks = args.tasks
