@@ -26,7 +26,10 @@ are picked on a validation split by ``--tune`` (a window of the grid around the 
 is at its edge: ``Preset.tune_window``) and read from ``docs/tuned_lrs_llm.json``. ``llm-manytask`` (presets
 ``llm-manytask-cpu`` / ``llm-manytask-ci``): 11 tasks described in words, scored on the trained tasks, under reworded
 descriptions and on 5 unseen tasks; FiLM / HyperMod conditioned on the descriptions (``*-desc``) and on ids,
-multi-task HadaIA3, one LoRA per task, LoRA / HiRA with the description in the prompt.
+multi-task HadaIA3, one LoRA per task, LoRA / HiRA with the description in the prompt; its own results file
+(``results_manytask.json``), each method at its rate tuned on ``llm-multitask`` (``Preset.borrow_lrs``). ``--merge``
+re-measures some rows of a published table in place (e.g. after a default changed:
+``--preset llm-cpu --methods hypermod --merge --out docs``).
 
 Encoders and ViTs: protocol
 ---------------------------
