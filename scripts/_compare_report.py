@@ -117,6 +117,9 @@ def summarize(rows, method_order, library) -> list[dict]:
 
 
 def _std(values) -> float:
+    """Sample std; NaN where a value is NaN (a column a method cannot be scored on: llm-manytask's "—")."""
+    if any(v != v for v in values):
+        return float("nan")
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 

@@ -380,12 +380,12 @@ PRESETS = {
                      about="the CI version of llm-cpu: 4 steps, 8 held-out articles, one seed"),
     # Many tasks in words (issue #28): 25 runs (the frozen base once) on 2 cores, written to results_manytask.json;
     # sized to stay under an hour there: a run is ~6 s of loading, ~3.3 s a step and ~1.3 s per 16 scored rows
-    # (10 held-out articles x (11 seen + 11 reworded + 5 unseen) = 270 rows).
+    # (8 held-out articles x (11 seen + 11 reworded + 5 unseen) = 216 rows).
     # Not tuned apart (9 methods x 3 rates would double its cost): each method takes its rate tuned on llm-multitask,
     # the same model, prompts and batch (borrow_lrs; a *-desc method its ids twin's: Method.lr_of).
-    "llm-manytask-cpu": Preset(seeds=(0, 1, 2), budgets={"llm-manytask": Budget(30, 8)}, tasks=("llm-manytask",),
+    "llm-manytask-cpu": Preset(seeds=(0, 1, 2), budgets={"llm-manytask": Budget(24, 8)}, tasks=("llm-manytask",),
                                methods={"llm-manytask": _LLM_MANY_METHODS}, llm_train_articles=200,
-                               llm_test_articles=10, learning_rates={**LEARNING_RATES, "matrix": 1e-2, "vector": 3e-2},
+                               llm_test_articles=8, learning_rates={**LEARNING_RATES, "matrix": 1e-2, "vector": 3e-2},
                                method_lrs_files=(TUNED_LRS_LLM,), borrow_lrs={"llm-manytask": "llm-multitask"},
                                about="many tasks in words on SmolLM2-135M-Instruct: 11 trained tasks, reworded "
                                      "descriptions, 5 unseen tasks"),
