@@ -243,3 +243,26 @@ def test_the_manytask_preset_borrows_the_two_task_problems_rates():
     assert rate["lora-r16-prompt"] == tuned["lora-r16-prompt"] and rate["hada-ia3-tasks"] == tuned["hada-ia3-tasks"]
     with pytest.raises(SystemExit, match="llm-manytask is compared in a run of its own"):
         compare.resolve(compare.parse_args(["--preset", "llm-manytask-cpu", "--tasks", "llm-manytask,llm-topic"]))
+
+
+def test_a_column_a_method_cannot_be_scored_on_has_no_spread():
+    """llm-manytask over several seeds: an ids-conditioned method has no reworded / unseen score (NaN, shown as —);
+    its spread there is NaN too, and the verdicts say it cannot be told those tasks (a report that crashed here lost
+    a 50-minute run's rows)."""
+    from scripts import _compare_report as report
+
+    nan = float("nan")
+    rows = [{"task": "llm-manytask", "method": m, "seed": s, "accuracy": 0.3 + s / 10,
+             "task_accuracy": {"seen": 0.3 + s / 10, "reworded": nan if m == "film" else 0.2 + s / 10,
+                               "unseen": nan if m == "film" else 0.1 * s},
+             "eval_loss": 1.0, "adapter_params": 5, "trainable_params": 5, "s_per_step": 1.0, "step_times": [1.0],
+             "prompt_tokens": 50.0, "peak_mib": 1.0, "learning_rate": 1e-2}
+            for m in ("film", "film-desc", "lora-r16-prompt") for s in range(3)]
+    summary = report.summarize(rows, ["film", "film-desc", "lora-r16-prompt"],
+                               {"film": "hadapeft", "film-desc": "hadapeft", "lora-r16-prompt": "peft"})
+    film, desc = summary[0], summary[1]
+    assert film["task_accuracy_std"]["reworded"] != film["task_accuracy_std"]["reworded"]
+    assert desc["task_accuracy_std"]["unseen"] == pytest.approx(0.1)
+    lines = report.manytask_verdicts(summary)
+    assert "reworded — (it cannot be told these tasks)" in lines[0] and "unseen 0.100 vs 0.100" in lines[1]
+    assert "| film | hadapeft | 0.400 ± 0.100 | 0.400 | — | — |" in "\n".join(report.llm_table(summary, "llm-manytask"))
